@@ -1,0 +1,220 @@
+"""All settings of roomcast, in one place.
+
+Each service gets one frozen section built once at start-up and passed down;
+nothing else reads the environment. A setting comes from, in order of
+precedence: a command-line flag, the environment variable `ROOMCAST_<NAME>`,
+the default below. A malformed or unknown setting stops start-up with a
+`ConfigError` naming the setting and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Mapping, TypeVar
+
+__all__ = [
+    "ConfigError",
+    "GatewayConfig",
+    "ChatConfig",
+    "DevConfig",
+    "load",
+    "settings_table",
+    "ENV_PREFIX",
+]
+
+ENV_PREFIX = "ROOMCAST_"
+
+
+class ConfigError(Exception):
+    """A setting is missing, malformed or unknown. The message says which and how to fix it."""
+
+
+def setting(default: Any, doc: str, *, unit: str = "", choices: tuple[str, ...] = ()) -> Any:
+    return field(default=default, metadata={"doc": doc, "unit": unit, "choices": choices})
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The WebSocket gateway (`roomcast gateway`)."""
+
+    host: str = setting("0.0.0.0", "address the WebSocket listener binds")
+    port: int = setting(8080, "WebSocket port; every worker binds it with SO_REUSEPORT")
+    workers: int = setting(1, "worker processes, one per core is the rule")
+    gateway_id: str = setting("", "this gateway's name in ingest records; default <hostname>")
+    redis_url: str = setting("redis://127.0.0.1:6379", "Redis for room pub/sub")
+    kafka_bootstrap: str = setting(
+        "", "Kafka bootstrap servers host:port[,host:port]; empty: no posting (every post gets `unavailable`)"
+    )
+    history_url: str = setting(
+        "", "base URL of the chat service's history API, for join seq and replay; empty: none"
+    )
+    auth_mode: str = setting("dev", "dev: ?user= names the user, no token; jwt: tokens required", choices=("dev", "jwt"))
+    jwt_secret: str = setting("", "HS256 key for auth_mode=jwt")
+    max_frame_bytes: int = setting(64 * 1024, "largest client frame; bigger closes with 1009", unit="bytes")
+    max_body_bytes: int = setting(4096, "largest message body (UTF-8); bigger gets `too_large`", unit="bytes")
+    send_rate_per_s: float = setting(20.0, "sustained posts per connection", unit="1/s")
+    send_burst: int = setting(40, "posts a connection may make at once before `rate_limited`")
+    abuse_max_errors: int = setting(30, "refused frames within abuse_window_ms before a 1008 close")
+    abuse_window_ms: int = setting(10_000, "window for abuse_max_errors", unit="ms")
+    max_connections: int = setting(60_000, "connections per worker; beyond it the upgrade gets HTTP 503")
+    send_buffer_limit_bytes: int = setting(
+        1024 * 1024, "bytes queued to one socket before it is closed with 4000", unit="bytes"
+    )
+    ping_interval_s: float = setting(20.0, "ping an idle connection after this long", unit="s")
+    ping_timeout_s: float = setting(20.0, "drop a connection whose pong is this late", unit="s")
+    produce_linger_ms: int = setting(2, "Kafka producer linger for message.ingest", unit="ms")
+    produce_timeout_ms: int = setting(5000, "a post not acked by Kafka in this time gets `unavailable`", unit="ms")
+    fetch_max_wait_ms: int = setting(
+        10, "Kafka consumer fetch wait; keep small on the embedded broker, which does not wake waiting fetches", unit="ms"
+    )
+    drain_window_s: float = setting(5.0, "spread the 1012 closes of a drain over this window", unit="s")
+    drain_timeout_s: float = setting(30.0, "the whole drain is bounded by this", unit="s")
+    test_echo_route: bool = setting(False, "serve /echo through the frame layer (conformance tests only)")
+    log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    """The chat service (`roomcast chat`)."""
+
+    kafka_bootstrap: str = setting("127.0.0.1:9092", "Kafka bootstrap servers host:port[,host:port]")
+    database_url: str = setting("sqlite:///roomcast.db", "sqlite:///PATH (embedded) or postgresql://... (production)")
+    http_host: str = setting("0.0.0.0", "address of the history HTTP API")
+    http_port: int = setting(8081, "port of the history HTTP API")
+    batch_max: int = setting(500, "ingest records handled per batch")
+    fetch_max_wait_ms: int = setting(10, "Kafka consumer fetch wait", unit="ms")
+    produce_linger_ms: int = setting(1, "Kafka producer linger for message.created", unit="ms")
+    page_ws_url: str = setting("", "WebSocket URL the demo page connects to; empty: the page is not served")
+    log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class DevConfig:
+    """The all-in-one embedded stack (`roomcast dev`)."""
+
+    host: str = setting("127.0.0.1", "address every service binds")
+    port: int = setting(8080, "WebSocket port")
+    workers: int = setting(2, "gateway worker processes")
+    data_dir: str = setting(".roomcast-dev", "where the SQLite database and logs go")
+    partitions: int = setting(4, "partitions of each topic")
+    log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
+
+
+Section = TypeVar("Section", GatewayConfig, ChatConfig, DevConfig)
+
+_PREFIXES = {GatewayConfig: "", ChatConfig: "", DevConfig: "DEV_"}
+
+
+def env_name(section: type, name: str) -> str:
+    return ENV_PREFIX + _PREFIXES[section] + name.upper()
+
+
+def _parse(section: type, f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+    where = f"setting `{f.name}` ({source})"
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{where} is {raw!r}; use true or false")
+    if kind in (int, float):
+        try:
+            value = kind(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} is {raw!r}; use a number{' in ' + f.metadata['unit'] if f.metadata['unit'] else ''}") from None
+        if value < 0:
+            raise ConfigError(f"{where} is {raw!r}; it cannot be negative")
+        return value
+    value = str(raw)
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        raise ConfigError(f"{where} is {raw!r}; use one of: {', '.join(choices)}")
+    return value
+
+
+def load(section: type[Section], flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Section:
+    """Build a config section from flags (None values are unset), the environment and defaults.
+
+    Raises ConfigError for a malformed value or an unknown `ROOMCAST_*` variable
+    of this section.
+    """
+    environ = os.environ if environ is None else environ
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    for name in flags:
+        if name not in fields:
+            raise ConfigError(f"unknown setting `{name}` for {section.__name__}")
+    known_env = {env_name(section, n) for n in fields}
+    prefix = ENV_PREFIX + _PREFIXES[section]
+    other_sections = {env_name(s, f.name) for s in _PREFIXES for f in dataclasses.fields(s)}
+    for key in environ:
+        if key.startswith(prefix) and key not in known_env and key not in other_sections and not key.startswith(ENV_PREFIX + "TEST_"):
+            close = _closest(key, known_env)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ConfigError(f"unknown environment variable {key}{hint} (see the configuration reference in README.md)")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name in flags:
+            values[name] = _parse(section, f, flags[name], f"--{name.replace('_', '-')}")
+        elif env_name(section, name) in environ:
+            values[name] = _parse(section, f, environ[env_name(section, name)], env_name(section, name))
+    config = section(**values)
+    _validate(config)
+    return config
+
+
+def _closest(key: str, names: set[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.75)
+    return match[0] if match else None
+
+
+_HOSTPORT = re.compile(r"^[^\s:,]+:\d{1,5}$")
+
+
+def _validate(config: Any) -> None:
+    def bad(name: str, problem: str, fix: str) -> ConfigError:
+        return ConfigError(f"setting `{name}` ({env_name(type(config), name)}) {problem}; {fix}")
+
+    for name in ("port", "http_port"):
+        value = getattr(config, name, None)
+        if value is not None and not 0 <= value <= 65535:
+            raise bad(name, f"is {value}", "use a port from 0 to 65535")
+    workers = getattr(config, "workers", None)
+    if workers is not None and workers < 1:
+        raise bad("workers", f"is {workers}", "use 1 or more")
+    kafka = getattr(config, "kafka_bootstrap", "")
+    if kafka and not all(_HOSTPORT.match(part.strip()) for part in kafka.split(",")):
+        raise bad("kafka_bootstrap", f"is {kafka!r}", "use host:port[,host:port]")
+    redis_url = getattr(config, "redis_url", None)
+    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise bad("redis_url", f"is {redis_url!r}", "use redis://host:port")
+    db = getattr(config, "database_url", None)
+    if db is not None and not db.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise bad("database_url", f"is {db!r}", "use sqlite:///PATH or postgresql://user@host/db")
+    if isinstance(config, GatewayConfig):
+        if config.auth_mode == "jwt" and not config.jwt_secret:
+            raise bad("jwt_secret", "is empty while auth_mode is jwt", "set ROOMCAST_JWT_SECRET to the HS256 key")
+        if config.max_body_bytes > config.max_frame_bytes:
+            raise bad("max_body_bytes", "is larger than max_frame_bytes", "lower it or raise max_frame_bytes")
+
+
+def gateway_id(config: GatewayConfig) -> str:
+    return config.gateway_id or socket.gethostname()
+
+
+def settings_table(section: type) -> list[tuple[str, str, Any, str, str]]:
+    """(name, env, default, unit, doc) of every setting: feeds the README reference and --help."""
+    return [
+        (f.name, env_name(section, f.name), f.default, f.metadata["unit"], f.metadata["doc"])
+        for f in dataclasses.fields(section)
+    ]

@@ -1,0 +1,1 @@
+"""The wire contract in code (docs/PROTOCOL.md). Pure: no I/O imports."""

@@ -1,0 +1,100 @@
+"""Payloads between services (docs/PROTOCOL.md section 4).
+
+`MessageEvent` is the JSON on Kafka `message.created`, on Redis `room:<id>` and
+inside the client `message` frame. `IngestRecord` is the JSON on Kafka
+`message.ingest`.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = [
+    "MessageEvent",
+    "IngestRecord",
+    "EventSeq",
+    "INGEST_TOPIC",
+    "CREATED_TOPIC",
+    "CHAT_GROUP",
+    "GATEWAY_GROUP",
+    "ROOM_CHANNEL_PREFIX",
+    "room_channel",
+    "encode_event",
+    "decode_event",
+    "encode_ingest",
+    "decode_ingest",
+    "decode_event_seq",
+]
+
+INGEST_TOPIC = "message.ingest"
+CREATED_TOPIC = "message.created"
+CHAT_GROUP = "chat-service"
+GATEWAY_GROUP = "realtime-gateway-group"
+ROOM_CHANNEL_PREFIX = "room:"
+
+
+def room_channel(room: str) -> str:
+    """The Redis pub/sub channel of a room."""
+    return ROOM_CHANNEL_PREFIX + room
+
+
+class MessageEvent(msgspec.Struct, frozen=True):
+    """A stored message. `seq` is per room: 1, 2, 3 ... with no gap and no reuse."""
+
+    id: str
+    room: str
+    seq: int
+    user: str
+    body: str
+    client_msg_id: str
+    ts: int  # ms since the Unix epoch, set by the chat service when storing
+
+
+class IngestRecord(msgspec.Struct, frozen=True):
+    """A post on its way from a gateway to the chat service."""
+
+    room: str
+    user: str
+    body: str
+    client_msg_id: str
+    gateway: str
+    received_at: int  # ms since the Unix epoch, when the gateway read the frame
+
+
+class EventSeq(msgspec.Struct):
+    """The one field of an event the gateway reads on the fan-out path.
+
+    Decoding into this skips every other field, so extra fields in a payload
+    published by someone else pass through untouched (PROTOCOL.md 4).
+    """
+
+    seq: int
+
+
+_event_encoder = msgspec.json.Encoder()
+_event_decoder = msgspec.json.Decoder(MessageEvent)
+_ingest_decoder = msgspec.json.Decoder(IngestRecord)
+_seq_decoder = msgspec.json.Decoder(EventSeq)
+
+
+def encode_event(event: MessageEvent) -> bytes:
+    return _event_encoder.encode(event)
+
+
+def decode_event(data: bytes | str) -> MessageEvent:
+    """Raises msgspec.DecodeError (a ValueError) on bad JSON or schema."""
+    return _event_decoder.decode(data)
+
+
+def encode_ingest(record: IngestRecord) -> bytes:
+    return _event_encoder.encode(record)
+
+
+def decode_ingest(data: bytes | str) -> IngestRecord:
+    """Raises msgspec.DecodeError (a ValueError) on bad JSON or schema."""
+    return _ingest_decoder.decode(data)
+
+
+def decode_event_seq(data: bytes) -> int:
+    """The `seq` of an event payload. Raises msgspec.DecodeError if it has none."""
+    return _seq_decoder.decode(data).seq
