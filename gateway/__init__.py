@@ -1,0 +1,1 @@
+"""The roomcast WebSocket gateway: sockets, rooms, Redis fan-out, Kafka relay."""

@@ -1,0 +1,1 @@
+"""Thin adapters around the gateway core: picows, Redis, Kafka, history HTTP."""

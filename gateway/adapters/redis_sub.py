@@ -1,0 +1,287 @@
+"""The gateway's one Redis subscriber connection: a bare hiredis reader on an asyncio Protocol.
+
+Why not redis-py's PubSub: its `listen()` returns once the last channel is
+unsubscribed, it opens its connection lazily (two racing first SUBSCRIBEs
+opened two connections and lost one, PITFALLS.md 2), and its per-message
+object path is slower than feeding hiredis directly.
+
+Every message of one socket read is handed over in one call, grouped by
+channel in arrival order, so the fan-out can frame a room's messages of that
+read as one buffer (coalescing without any added delay).
+
+A control channel stays subscribed so the connection never idles out of the
+subscribed state. On a lost connection it reconnects with backoff and
+re-subscribes every wanted channel; `on_connected(reconnected=True)` lets the
+gateway check those rooms for a gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from urllib.parse import unquote, urlparse
+
+import hiredis
+
+__all__ = ["RedisSubscriber", "encode_command", "CONTROL_CHANNEL"]
+
+log = logging.getLogger("roomcast.gateway.redis")
+
+CONTROL_CHANNEL = b"roomcast:control"
+
+MessageBatch = dict[bytes, list[bytes]]
+
+
+def encode_command(*args: bytes) -> bytes:
+    """A RESP array of bulk strings."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(out)
+
+
+class _SubscriberProtocol(asyncio.Protocol):
+    def __init__(self, owner: RedisSubscriber) -> None:
+        self.owner = owner
+        self.reader = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        batch: MessageBatch = {}
+        owner = self.owner
+        while True:
+            reply = reader.gets()
+            if reply is False:
+                break
+            if type(reply) is list:
+                kind = reply[0]
+                if kind == b"message" or kind == b"smessage":
+                    channel = reply[1]
+                    queue = batch.get(channel)
+                    if queue is None:
+                        batch[channel] = [reply[2]]
+                    else:
+                        queue.append(reply[2])
+                    continue
+                if kind == b"subscribe" or kind == b"ssubscribe":
+                    owner._confirmed(reply[1])
+                    continue
+                if kind == b"pong":
+                    owner._pong()
+                    continue
+                # unsubscribe confirmations need no action
+            elif isinstance(reply, hiredis.ReplyError):
+                log.error("redis refused a subscriber command: %s", reply)
+            elif reply == b"OK":  # AUTH / SELECT
+                continue
+        if batch:
+            try:
+                owner.on_messages(batch)
+            except Exception:
+                log.exception("fan-out of a redis read failed")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner._lost(self, exc)
+
+
+class RedisSubscriber:
+    """One pub/sub connection per process with reconnect and re-subscribe.
+
+    `on_messages(batch)` runs synchronously inside the read callback.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        on_messages: Callable[[MessageBatch], None],
+        on_connected: Callable[[bool], None] | None = None,
+        *,
+        reconnect_min_s: float = 0.05,
+        reconnect_max_s: float = 2.0,
+        ping_interval_s: float = 5.0,
+    ) -> None:
+        parsed = urlparse(url)
+        self.host = parsed.hostname or "127.0.0.1"
+        self.port = parsed.port or 6379
+        self.password = unquote(parsed.password) if parsed.password else None
+        self.username = unquote(parsed.username) if parsed.username else None
+        self.on_messages = on_messages
+        self.on_connected = on_connected
+        self.reconnect_min_s = reconnect_min_s
+        self.reconnect_max_s = reconnect_max_s
+        self.ping_interval_s = ping_interval_s
+        self._wanted: set[bytes] = set()
+        # Per channel, one deque entry per SUBSCRIBE sent on this connection,
+        # holding the futures that wait for its confirmation (replies arrive in
+        # command order, so FIFO matches them).
+        self._pending: dict[bytes, deque[list[asyncio.Future[None]]]] = {}
+        self._protocol: _SubscriberProtocol | None = None
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._ever_connected = False
+        self._pong_waiter: asyncio.Future[None] | None = None
+        self._orphans: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._disconnected = asyncio.Event()
+        self.reconnects = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._protocol is not None
+
+    async def start(self) -> None:
+        """Start connecting in the background. Idempotent; never raises for an unreachable Redis."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="redis-subscriber")
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def subscribe(self, channel: bytes) -> asyncio.Future[None]:
+        """Want channel; the future resolves once Redis confirmed the SUBSCRIBE.
+
+        While disconnected the future waits for the reconnect's SUBSCRIBE.
+        """
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._wanted.add(channel)
+        proto = self._protocol
+        if proto is not None and proto.transport is not None:
+            self._pending.setdefault(channel, deque()).append([fut])
+            proto.transport.write(encode_command(b"SUBSCRIBE", channel))
+        else:
+            self._orphan(channel, fut)
+        return fut
+
+    def unsubscribe(self, channel: bytes) -> None:
+        self._wanted.discard(channel)
+        proto = self._protocol
+        if proto is not None and proto.transport is not None:
+            proto.transport.write(encode_command(b"UNSUBSCRIBE", channel))
+
+    def _orphan(self, channel: bytes, fut: asyncio.Future[None]) -> None:
+        # Parked until the next connection sends this channel's SUBSCRIBE.
+        self._orphans.setdefault(channel, []).append(fut)
+
+    def _confirmed(self, channel: bytes) -> None:
+        queue = self._pending.get(channel)
+        if not queue:
+            return
+        for fut in queue.popleft():
+            if not fut.done():
+                fut.set_result(None)
+        if not queue:
+            del self._pending[channel]
+
+    def _pong(self) -> None:
+        if self._pong_waiter is not None and not self._pong_waiter.done():
+            self._pong_waiter.set_result(None)
+
+    def _lost(self, proto: _SubscriberProtocol, exc: Exception | None) -> None:
+        if self._protocol is not proto:
+            return
+        self._protocol = None
+        self._connected.clear()
+        # Every unconfirmed SUBSCRIBE is re-sent by the next connection.
+        for channel, queue in self._pending.items():
+            for futs in queue:
+                self._orphans.setdefault(channel, []).extend(futs)
+        self._pending.clear()
+        if not self._closing:
+            log.warning("redis subscriber connection lost (%s); reconnecting", exc or "closed by server")
+            self._disconnected.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self.reconnect_min_s
+        while not self._closing:
+            try:
+                _, proto = await asyncio.wait_for(
+                    loop.create_connection(lambda: _SubscriberProtocol(self), self.host, self.port), 5.0
+                )
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.warning("redis %s:%d unreachable (%s); retrying in %.2f s", self.host, self.port, exc, delay)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self.reconnect_max_s)
+                continue
+            delay = self.reconnect_min_s
+            self._install(proto)
+            reconnected = self._ever_connected
+            self._ever_connected = True
+            if reconnected:
+                self.reconnects += 1
+            log.info("redis subscriber connected to %s:%d (%d channels)", self.host, self.port, len(self._wanted))
+            self._connected.set()
+            if self.on_connected is not None:
+                try:
+                    self.on_connected(reconnected)
+                except Exception:
+                    log.exception("on_connected callback failed")
+            await self._watch(proto)
+
+    def _install(self, proto: _SubscriberProtocol) -> None:
+        assert proto.transport is not None
+        self._protocol = proto
+        self._disconnected.clear()
+        commands = []
+        if self.password is not None:
+            auth = (self.username.encode(), self.password.encode()) if self.username else (self.password.encode(),)
+            commands.append(encode_command(b"AUTH", *auth))
+        commands.append(encode_command(b"SUBSCRIBE", CONTROL_CHANNEL))
+        orphans, self._orphans = self._orphans, {}
+        for channel in self._wanted:
+            self._pending.setdefault(channel, deque()).append(orphans.pop(channel, []))
+            commands.append(encode_command(b"SUBSCRIBE", channel))
+        # Waiters for channels no longer wanted: nothing to confirm.
+        for futs in orphans.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_result(None)
+        proto.transport.write(b"".join(commands))
+
+    async def _watch(self, proto: _SubscriberProtocol) -> None:
+        """Ping periodically: a half-open connection is found within ~2 intervals."""
+        while not self._closing and self._protocol is proto:
+            try:
+                await asyncio.wait_for(self._disconnected.wait(), self.ping_interval_s)
+                return
+            except asyncio.TimeoutError:
+                pass
+            self._pong_waiter = asyncio.get_running_loop().create_future()
+            if proto.transport is None:
+                return
+            proto.transport.write(encode_command(b"PING"))
+            try:
+                await asyncio.wait_for(asyncio.shield(self._pong_waiter), self.ping_interval_s)
+            except asyncio.TimeoutError:
+                log.warning("redis subscriber missed a pong; dropping the connection")
+                proto.transport.abort()
+                return
+
+    async def aclose(self) -> None:
+        """Close the connection and stop reconnecting. Idempotent."""
+        self._closing = True
+        proto = self._protocol
+        if proto is not None and proto.transport is not None:
+            proto.transport.close()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+        for futs in self._orphans.values():
+            for fut in futs:
+                fut.cancel()

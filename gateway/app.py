@@ -1,0 +1,452 @@
+"""One gateway worker: builds the core and the adapters, runs and drains them.
+
+`serve(config)` runs `config.workers` worker processes on one port
+(SO_REUSEPORT). Each worker is a full member: its own room registry, its own
+Redis subscriber connection, its own consumer in realtime-gateway-group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from urllib.parse import parse_qs
+
+import redis.asyncio as aioredis
+from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
+
+from gateway.adapters.framed import EchoListener
+from gateway.adapters.history import HistoryClient, HistoryUnavailable
+from gateway.adapters.kafka import CreatedRelay, IngestProducer
+from gateway.adapters.redis_sub import RedisSubscriber
+from gateway.adapters.websocket import Connection
+from gateway.core.rooms import Room, RoomRegistry, frame_events
+from gateway.core.session import Close, JoinRoom, LeaveRoom, Post, Reply, Session, SessionLimits
+from roomcast.config import GatewayConfig, gateway_id
+from roomcast.wire.codes import CloseCode, ErrorCode
+from roomcast.wire.events import ROOM_CHANNEL_PREFIX, encode_ingest
+from roomcast.wire.frames import encode_ack, encode_error, encode_joined, encode_left
+
+__all__ = ["GatewayApp", "run_worker", "serve"]
+
+log = logging.getLogger("roomcast.gateway")
+
+# A join waits this long for its SUBSCRIBE confirmation; past it (Redis down)
+# it completes anyway and the reconnect's re-subscribe and gap check cover it.
+SUBSCRIBE_WAIT_S = 2.0
+# A `since` replay bigger than this is answered with recovered:false.
+MAX_REPLAY = 5000
+# A worker announces itself ready once connected, or after this long anyway.
+READY_WAIT_S = 30.0
+
+
+class GatewayApp:
+    """The state and the wiring of one worker process."""
+
+    def __init__(self, config: GatewayConfig, worker_index: int = 0) -> None:
+        self.config = config
+        self.name = f"{gateway_id(config)}-{worker_index}"
+        self.registry = RoomRegistry()
+        self.limits = SessionLimits(
+            max_body_bytes=config.max_body_bytes,
+            send_rate_per_s=config.send_rate_per_s,
+            send_burst=config.send_burst,
+            abuse_max_errors=config.abuse_max_errors,
+            abuse_window_ms=config.abuse_window_ms,
+        )
+        self.subscriber = RedisSubscriber(config.redis_url, self.on_redis_messages, self.on_redis_connected)
+        self.publisher = aioredis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        self.producer = IngestProducer(
+            config.kafka_bootstrap,
+            linger_ms=config.produce_linger_ms,
+            timeout_ms=config.produce_timeout_ms,
+            client_id=self.name,
+        )
+        self.relay = CreatedRelay(
+            config.kafka_bootstrap,
+            self.publish_events,
+            fetch_max_wait_ms=config.fetch_max_wait_ms,
+            client_id=self.name,
+        )
+        self.history = HistoryClient(config.history_url) if config.history_url else None
+        self.connections: set[Connection] = set()
+        self.subscriptions: dict[str, asyncio.Future[None]] = {}
+        self.server: asyncio.Server | None = None
+        self.draining = False
+        self.closed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    # ---- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the adapters and the listener. Redis and Kafka may still be connecting."""
+        await self.subscriber.start()
+        await self.producer.start()
+        await self.relay.start()
+        self.server = await ws_create_server(
+            self.route,
+            self.config.host,
+            self.config.port,
+            reuse_port=True,
+            websocket_handshake_timeout=5,
+            enable_auto_pong=False,  # the frame layer answers pings (RFC 6455 5.5.2)
+            enable_auto_ping=True,
+            auto_ping_idle_timeout=self.config.ping_interval_s,
+            auto_ping_reply_timeout=min(self.config.ping_timeout_s, self.config.ping_interval_s),
+            # picows itself closes with 1009 on a frame over the limit before
+            # reading it; the layer enforces the limit on fragmented messages.
+            max_frame_size=max(self.config.max_frame_bytes, 64 * 1024 * 1024 if self.config.test_echo_route else 0),
+            read_buffer_init_size=2048,
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        log.info("gateway worker %s listening on %s:%d", self.name, self.config.host, self.port)
+
+    @property
+    def ready(self) -> bool:
+        kafka_ok = not self.config.kafka_bootstrap or (self.producer.ready and self.relay.connected)
+        return not self.draining and self.subscriber.connected and kafka_ok
+
+    async def drain(self) -> None:
+        """Graceful shutdown, bounded by drain_timeout_s.
+
+        1. readiness off, 2. stop accepting, 3. close sockets with 1012 spread
+        over drain_window_s, 4. flush the producer, 5. commit and leave the
+        group, 6. close Redis.
+        """
+        if self.draining:
+            return
+        self.draining = True  # 1.
+        log.info("draining %d connections", len(self.connections))
+        if self.server is not None:  # 2.
+            self.server.close()
+        conns = list(self.connections)  # 3.
+        window = self.config.drain_window_s
+        if conns:
+            step = window / len(conns)
+            for i, conn in enumerate(conns):
+                conn.end(CloseCode.DRAINING, "server restarting; reconnect with since")
+                if step and i % 100 == 99:
+                    await asyncio.sleep(step * 100)
+        await self._wait_tasks(5.0)  # posts in flight get their ack or error
+        await self.producer.aclose()  # 4.
+        await self.relay.aclose()  # 5.
+        await self.subscriber.aclose()  # 6.
+        await self.publisher.aclose()
+        self.closed.set()
+
+    async def _wait_tasks(self, timeout_s: float) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+
+    def spawn(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- upgrade routing --------------------------------------------------------
+
+    def route(self, request: WSUpgradeRequest) -> object:
+        path, _, query = request.path.decode("latin-1").partition("?")
+        if path == "/ws":
+            return self._accept(request, query)
+        if path == "/healthz":
+            return _plain(200, b"ok\n")
+        if path == "/readyz":
+            return _plain(200, b"ready\n") if self.ready else _plain(503, b"not ready\n")
+        if path == "/echo" and self.config.test_echo_route:
+            return EchoListener(64 * 1024 * 1024)
+        return _plain(404, b"not found; the WebSocket endpoint is /ws\n")
+
+    def _accept(self, request: WSUpgradeRequest, query: str) -> object:
+        if self.draining:
+            return _plain(503, b"draining; reconnect to another gateway\n")
+        if len(self.connections) >= self.config.max_connections:
+            return _plain(503, b"this gateway is full; retry later\n")
+        params = parse_qs(query)
+        # Dev mode (PROTOCOL.md 1): ?user= names the user. The JWT seam goes here.
+        user = (params.get("user") or [""])[0][:128] or f"anon-{secrets.randbelow(10**9)}"
+        session = Session(user, self.name, self.limits, int(time.time() * 1000), _new_msg_id)
+        return Connection(self, session, self.config.max_frame_bytes)
+
+    # ---- connections ---------------------------------------------------------------
+
+    def connection_opened(self, conn: Connection) -> None:
+        self.connections.add(conn)
+
+    def connection_closed(self, conn: Connection) -> None:
+        """Forget a socket: leave every room now, so nothing more is written to it."""
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        for room_id in conn.session.rooms:
+            self._leave_room(room_id, conn)
+        conn.session.rooms.clear()
+
+    def connection_paused(self, conn: Connection) -> None:
+        for room_id in conn.session.rooms:
+            self.registry.set_writer(room_id, conn, conn.checked_write)
+
+    def connection_resumed(self, conn: Connection) -> None:
+        for room_id in conn.session.rooms:
+            self.registry.set_writer(room_id, conn, conn.raw_write)
+
+    def slow_consumer(self, conn: Connection) -> None:
+        log.info("closing slow consumer %s (send buffer over %d bytes)", conn.session.user, self.config.send_buffer_limit_bytes)
+        conn.abort(CloseCode.SLOW_CONSUMER, "send buffer over the limit; reconnect with since")
+
+    # ---- actions from the session ---------------------------------------------------
+
+    def perform(self, conn: Connection, actions: list[object]) -> None:
+        for action in actions:
+            kind = type(action)
+            if kind is Post:
+                self.spawn(self._post(conn, action))  # type: ignore[arg-type]
+            elif kind is Reply:
+                conn.send_text(action.payload)  # type: ignore[attr-defined]
+            elif kind is JoinRoom:
+                self._join(conn, action)  # type: ignore[arg-type]
+            elif kind is LeaveRoom:
+                self._leave_room(action.room, conn)  # type: ignore[attr-defined]
+                conn.send_text(encode_left(action.room))  # type: ignore[attr-defined]
+            elif kind is Close:
+                conn.end(action.code, action.reason)  # type: ignore[attr-defined]
+
+    async def _post(self, conn: Connection, post: Post) -> None:
+        record = post.record
+        ok = await self.producer.post(record.room.encode(), encode_ingest(record))
+        if ok:
+            conn.send_text(encode_ack(record.client_msg_id))
+        else:
+            conn.send_text(
+                encode_error(ErrorCode.UNAVAILABLE, "message not accepted now; retry with the same client_msg_id", record.client_msg_id)
+            )
+
+    def _join(self, conn: Connection, join: JoinRoom) -> None:
+        room, first = self.registry.begin_join(join.room, conn)
+        if first:
+            self.subscriptions[join.room] = self.subscriber.subscribe(room.channel)
+        if conn not in room.joining:
+            # Already a member: answer again with where it stands.
+            conn.send_text(encode_joined(room.id, room.last_seq))
+            return
+        confirmed = self.subscriptions[join.room]
+        if confirmed.done() and self.history is None and join.since is None:
+            # Fast path: nothing to wait for, no await between reading last_seq
+            # and becoming live, so nothing can fall in between.
+            self._complete_join(conn, room, room.last_seq, True, [])
+            return
+        self.spawn(self._join_slow(conn, room, join.since, confirmed))
+
+    async def _join_slow(self, conn: Connection, room: Room, since: int | None, confirmed: asyncio.Future[None]) -> None:
+        # Subscribe first, then read history, then merge by seq (PITFALLS.md 2):
+        # what is published after the confirmation is buffered for this socket,
+        # what was published before it is in history.
+        try:
+            await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_WAIT_S)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            log.warning("join of %s went ahead without a confirmed subscription", room.id)
+        latest, recovered, replay = room.last_seq, True, []
+        if self.history is not None:
+            try:
+                latest, recovered, replay = await self._history_since(room.id, since)
+            except HistoryUnavailable as exc:
+                log.warning("history unavailable for a join: %s", exc)
+                recovered = since is None or since >= room.last_seq
+        elif since is not None and since < room.last_seq:
+            recovered = False  # nothing to replay from
+        if conn.closed or conn not in room.joining:
+            return
+        self._complete_join(conn, room, latest, recovered, replay)
+
+    async def _history_since(self, room_id: str, since: int | None) -> tuple[int, bool, list[tuple[int, bytes]]]:
+        assert self.history is not None
+        if since is None:
+            latest, _ = await self.history.page(room_id, after=2**62, limit=1)
+            return latest, True, []
+        latest, events = await self.history.page(room_id, after=since, limit=500)
+        if since >= latest:
+            return latest, True, []
+        if latest - since > MAX_REPLAY or not events or events[0][0] != since + 1:
+            return latest, False, []  # older than what is retained: reload over HTTP
+        while events[-1][0] < latest:
+            _, more = await self.history.page(room_id, after=events[-1][0], limit=500)
+            if not more:
+                break
+            events.extend(more)
+        return latest, True, [e for e in events if e[0] <= latest]
+
+    def _complete_join(self, conn: Connection, room: Room, latest: int, recovered: bool, replay: list[tuple[int, bytes]]) -> None:
+        conn.send_text(encode_joined(room.id, latest, recovered))
+        sent_up_to = latest
+        if replay:
+            conn.raw_write(frame_events([payload for _, payload in replay]))
+            sent_up_to = max(sent_up_to, replay[-1][0])
+        writer = conn.checked_write if conn.paused else conn.raw_write
+        pending = self.registry.complete_join(room, conn, writer, sent_up_to)
+        if pending:
+            writer(frame_events(pending))
+
+    def _leave_room(self, room_id: str, conn: Connection) -> None:
+        if self.registry.leave(room_id, conn):
+            self.subscriptions.pop(room_id, None)
+            self.subscriber.unsubscribe((ROOM_CHANNEL_PREFIX + room_id).encode())
+
+    # ---- fan-out ------------------------------------------------------------------------
+
+    def on_redis_messages(self, batch: dict[bytes, list[bytes]]) -> None:
+        """Every message of one Redis read, grouped by channel: frame once, write per socket."""
+        by_channel = self.registry.by_channel
+        deliver = self.registry.deliver
+        for channel, payloads in batch.items():
+            room = by_channel.get(channel)
+            if room is None:
+                continue  # unsubscribed meanwhile
+            delivery = deliver(room, payloads)
+            if delivery is None:
+                continue
+            buffer = delivery.buffer
+            for write in list(room.members.values()) if room.catching_up or delivery.extra else room.members.values():
+                write(buffer)
+            for write, data in delivery.extra:
+                write(data)
+
+    def on_redis_connected(self, reconnected: bool) -> None:
+        if reconnected:
+            log.warning("redis subscriber reconnected; %d rooms re-subscribed", len(self.registry.rooms))
+
+    async def publish_events(self, records: list[tuple[bytes, bytes]]) -> None:
+        """PUBLISH each (room key, event) on room:<id>, in order, in one round trip."""
+        pipe = self.publisher.pipeline(transaction=False)
+        for key, value in records:
+            pipe.publish(ROOM_CHANNEL_PREFIX.encode() + key, value)
+        await pipe.execute()
+
+
+def _plain(status: int, body: bytes) -> WSUpgradeResponseWithListener:
+    if status >= 400:
+        response = WSUpgradeResponse.create_error_response(status, body, {"Content-Type": "text/plain; charset=utf-8"})
+    else:
+        response = WSUpgradeResponse.create_ok_response(body)
+    return WSUpgradeResponseWithListener(response, None)
+
+
+def _new_msg_id() -> str:
+    return "gw-" + uuid.uuid4().hex
+
+
+# ---- processes ---------------------------------------------------------------------------
+
+
+async def run_worker(config: GatewayConfig, worker_index: int = 0, on_ready: Callable[[GatewayApp], None] | None = None) -> None:
+    """Run one worker until SIGTERM/SIGINT, then drain. A second signal forces exit."""
+    app = GatewayApp(config, worker_index)
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            loop.create_task(app.drain())
+        else:
+            log.warning("second signal: exiting without finishing the drain")
+            os._exit(1)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await app.start()
+    if on_ready is not None:
+        on_ready(app)
+    try:
+        await app.closed.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _run_worker_process(config: GatewayConfig, worker_index: int) -> None:
+    import uvloop
+
+    def ready(app: GatewayApp) -> None:
+        # Printed once Redis and Kafka are connected (or after a bound wait):
+        # `roomcast dev` waits for one such line per worker.
+        async def announce() -> None:
+            deadline = time.monotonic() + READY_WAIT_S
+            while not app.ready and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if not app.ready:
+                log.warning("worker %d listening, but redis or kafka is not connected yet", worker_index)
+            print(f"gateway worker {worker_index} ready port={app.port}", flush=True)
+
+        app.spawn(announce())
+
+    async def main() -> None:
+        await run_worker(config, worker_index, ready)
+
+    try:
+        uvloop.run(main())
+    except KeyboardInterrupt:
+        pass
+
+
+def serve(config: GatewayConfig, worker_index: int | None = None) -> None:
+    """Run the gateway: one worker in this process, or a supervisor of `workers` processes.
+
+    The supervisor restarts a worker that dies and forwards SIGTERM/SIGINT to
+    all of them (each drains on its own).
+    """
+    if worker_index is not None or config.workers == 1:
+        _run_worker_process(config, worker_index or 0)
+        return
+    procs: dict[int, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def spawn(i: int) -> None:
+        env = dict(os.environ, ROOMCAST_WORKERS="1")
+        procs[i] = subprocess.Popen(
+            [sys.executable, "-m", "roomcast.cli", "gateway", "--worker-index", str(i), *_flags_of(config)], env=env
+        )
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for i in range(config.workers):
+        spawn(i)
+    while True:
+        time.sleep(0.2)
+        if stopping:
+            if all(p.poll() is not None for p in procs.values()):
+                return
+            continue
+        for i, p in list(procs.items()):
+            if p.poll() is not None:
+                log.warning("gateway worker %d exited with %s; restarting it", i, p.returncode)
+                time.sleep(0.5)
+                spawn(i)
+
+
+def _flags_of(config: GatewayConfig) -> list[str]:
+    """The config as command-line flags, for worker processes."""
+    import dataclasses
+
+    flags = []
+    for f in dataclasses.fields(config):
+        if f.name == "workers":
+            continue
+        value = getattr(config, f.name)
+        flags += [f"--{f.name.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags

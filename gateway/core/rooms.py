@@ -1,0 +1,216 @@
+"""The per-process room registry, per-room sequencing and fan-out planning.
+
+A `Room` exists while at least one local socket is in it or joining it. The
+registry reports the two facts the Redis adapter needs: "first local socket
+in r1" (SUBSCRIBE) and "last one left r1" (UNSUBSCRIBE), as centrifuge's hub
+reports a first subscriber to its broker.
+
+Each room remembers the last seq this process delivered. An event whose seq
+is not above it is a duplicate (a Kafka redelivery, a chat re-emit) and is
+dropped once here, before fan-out, instead of once per socket.
+
+A socket's membership goes through three states:
+
+- joining: the join waits for its SUBSCRIBE confirmation and the room's
+  latest seq (history). Live events are buffered for it, so nothing published
+  after the SUBSCRIBE is missed.
+- catching up: it was sent history up to a seq (its floor) that this process
+  has not delivered yet (history runs ahead of the Redis path); it gets only
+  events above its floor, then becomes live.
+- live: it gets every accepted event, through the shared buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from gateway.core.wsframe import text_frame_header
+from roomcast.wire.events import ROOM_CHANNEL_PREFIX, decode_event_seq
+from roomcast.wire.frames import MESSAGE_ENVELOPE_HEAD, MESSAGE_ENVELOPE_TAIL
+
+__all__ = ["Room", "RoomRegistry", "Delivery", "Writer", "frame_events", "RegistryStats"]
+
+Writer = Callable[[bytes], object]
+Member = Hashable
+
+_ENVELOPE_OVERHEAD = len(MESSAGE_ENVELOPE_HEAD) + len(MESSAGE_ENVELOPE_TAIL)
+
+
+def frame_events(payloads: list[bytes]) -> bytes:
+    """The `message` frames of these event payloads, concatenated into one buffer.
+
+    PROTOCOL.md 4: each frame's payload is the envelope head + the event bytes as
+    published + the tail; nothing is decoded or re-encoded.
+    """
+    parts: list[bytes] = []
+    append = parts.append
+    for payload in payloads:
+        append(text_frame_header(len(payload) + _ENVELOPE_OVERHEAD))
+        append(MESSAGE_ENVELOPE_HEAD)
+        append(payload)
+        append(MESSAGE_ENVELOPE_TAIL)
+    return b"".join(parts)
+
+
+class Room:
+    __slots__ = ("id", "channel", "members", "joining", "catching_up", "last_seq")
+
+    def __init__(self, room_id: str) -> None:
+        self.id = room_id
+        self.channel = (ROOM_CHANNEL_PREFIX + room_id).encode()
+        self.members: dict[Member, Writer] = {}
+        self.joining: dict[Member, list[tuple[int, bytes]]] = {}
+        self.catching_up: dict[Member, tuple[Writer, int]] = {}
+        # Last seq this process delivered; 0 while none is known.
+        self.last_seq = 0
+
+    def __len__(self) -> int:
+        return len(self.members) + len(self.joining) + len(self.catching_up)
+
+    def has(self, member: Member) -> bool:
+        return member in self.members or member in self.joining or member in self.catching_up
+
+
+@dataclass(slots=True)
+class Delivery:
+    """What to write for one room's batch of events.
+
+    Write `buffer` to every writer in `room.members` (one write per socket, the
+    same bytes), then each (writer, bytes) of `extra` (catching-up sockets).
+    """
+
+    room: Room
+    buffer: bytes
+    count: int
+    extra: list[tuple[Writer, bytes]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RegistryStats:
+    events_accepted: int = 0
+    events_duplicate: int = 0
+    events_malformed: int = 0
+    gaps: int = 0
+
+
+class RoomRegistry:
+    """All rooms with a local socket in this process, by id and by Redis channel."""
+
+    def __init__(self) -> None:
+        self.rooms: dict[str, Room] = {}
+        self.by_channel: dict[bytes, Room] = {}
+        self.stats = RegistryStats()
+
+    # ---- membership ------------------------------------------------------
+
+    def begin_join(self, room_id: str, member: Member) -> tuple[Room, bool]:
+        """Start a join. Returns (room, first): first means SUBSCRIBE the room's channel.
+
+        A member already in the room stays as it is (a repeated join).
+        """
+        room = self.rooms.get(room_id)
+        first = room is None
+        if room is None:
+            room = self.rooms[room_id] = Room(room_id)
+            self.by_channel[room.channel] = room
+        if not room.has(member):
+            room.joining[member] = []
+        return room, first
+
+    def complete_join(self, room: Room, member: Member, writer: Writer, sent_up_to: int) -> list[bytes]:
+        """Finish a join after `joined` and any replay (up to seq `sent_up_to`) were sent.
+
+        Returns the buffered live events the member still needs, in order; the
+        caller writes them right away, before yielding to the loop. Returns []
+        if the member left meanwhile.
+        """
+        buffered = room.joining.pop(member, None)
+        if buffered is None:
+            return []
+        pending = [payload for seq, payload in buffered if seq > sent_up_to]
+        if pending:
+            sent_up_to = max(sent_up_to, buffered[-1][0])
+        if sent_up_to > room.last_seq:
+            room.catching_up[member] = (writer, sent_up_to)
+        else:
+            room.members[member] = writer
+        return pending
+
+    def leave(self, room_id: str, member: Member) -> bool:
+        """Remove member from room. True when it was the last local one: UNSUBSCRIBE."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return False
+        room.members.pop(member, None)
+        room.joining.pop(member, None)
+        room.catching_up.pop(member, None)
+        if len(room) == 0:
+            del self.rooms[room_id]
+            del self.by_channel[room.channel]
+            return True
+        return False
+
+    def set_writer(self, room_id: str, member: Member, writer: Writer) -> None:
+        """Swap a live member's writer (e.g. to a checked one while its socket is paused)."""
+        room = self.rooms.get(room_id)
+        if room is not None and member in room.members:
+            room.members[member] = writer
+
+    # ---- events ------------------------------------------------------------
+
+    def deliver(self, room: Room, payloads: list[bytes]) -> Delivery | None:
+        """Plan the delivery of a room's events from one Redis read, in order.
+
+        Drops malformed events and those whose seq is not above the last one
+        delivered; frames the rest once. None when nothing is left to write.
+        """
+        last = room.last_seq
+        accepted: list[bytes] = []
+        seqs: list[int] = []
+        stats = self.stats
+        for payload in payloads:
+            try:
+                seq = decode_event_seq(payload)
+            except (msgspec.DecodeError, ValueError):
+                stats.events_malformed += 1
+                continue
+            if seq <= last:
+                stats.events_duplicate += 1
+                continue
+            if last and seq != last + 1:
+                stats.gaps += 1
+            last = seq
+            accepted.append(payload)
+            seqs.append(seq)
+        if not accepted:
+            return None
+        room.last_seq = last
+        stats.events_accepted += len(accepted)
+        if room.joining:
+            pairs = list(zip(seqs, accepted))
+            for buffered in room.joining.values():
+                buffered.extend(pairs)
+        delivery = Delivery(room, frame_events(accepted), len(accepted))
+        if room.catching_up:
+            self._catch_up(room, seqs, accepted, delivery)
+        return delivery
+
+    def _catch_up(self, room: Room, seqs: list[int], accepted: list[bytes], delivery: Delivery) -> None:
+        for member, (writer, floor) in list(room.catching_up.items()):
+            if seqs[-1] <= floor:
+                continue  # it already has all of these
+            if seqs[0] > floor:
+                # Caught up: from now on the shared buffer, starting with this one.
+                del room.catching_up[member]
+                room.members[member] = writer
+            else:
+                start = next(i for i, s in enumerate(seqs) if s > floor)
+                delivery.extra.append((writer, frame_events(accepted[start:])))
+                room.catching_up[member] = (writer, seqs[-1])
+
+    def channels(self) -> list[bytes]:
+        """Every channel that has local sockets: what a reconnected subscriber re-subscribes."""
+        return list(self.by_channel)

@@ -1,0 +1,150 @@
+"""`roomcast dev`: the whole stack, embedded, on loopback.
+
+Starts redis-server, the Tansu Kafka broker, the topics, the chat service
+(SQLite in --data-dir, history API, the demo page) and the gateway with
+--workers processes; prints one `roomcast ready ...` line that scripts parse;
+stops everything on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from roomcast.config import DevConfig
+from roomcast.embedded import (
+    ManagedProcess,
+    MissingBinary,
+    PortInUse,
+    free_port,
+    port_is_free,
+    start_redis,
+    start_tansu,
+    wait_for_port,
+)
+from roomcast.kafka import ensure_topics
+
+__all__ = ["run_dev", "READY_PREFIX"]
+
+READY_PREFIX = "roomcast ready "
+STARTUP_TIMEOUT_S = 60.0
+
+
+def _say(message: str) -> None:
+    print(f"roomcast dev: {message}", file=sys.stderr, flush=True)
+
+
+def _python_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "roomcast.cli", *args]
+
+
+def run_dev(config: DevConfig) -> int:
+    data_dir = Path(config.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    logs = data_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    host = config.host
+    if not port_is_free(host, config.port):
+        _say(f"the WebSocket port {host}:{config.port} is already in use; stop what holds it or pass --port")
+        return 1
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    children: list[ManagedProcess] = []
+    try:
+        try:
+            redis = start_redis(host, log_path=logs / "redis.log")
+            children.append(redis)
+            kafka = start_tansu(host, log_path=logs / "kafka.log")
+            children.append(kafka)
+        except (MissingBinary, PortInUse, RuntimeError, TimeoutError) as exc:
+            _say(str(exc))
+            return 1
+        asyncio.run(ensure_topics(kafka.address, config.partitions))
+
+        http_port = free_port(host)
+        ws_url = f"ws://{host}:{config.port}/ws"
+        history_url = f"http://{host}:{http_port}/"
+        chat = subprocess.Popen(
+            _python_cli(
+                "chat",
+                "--kafka-bootstrap", kafka.address,
+                "--database-url", f"sqlite:///{data_dir / 'roomcast.db'}",
+                "--http-host", host,
+                "--http-port", str(http_port),
+                "--page-ws-url", ws_url,
+                "--log-level", config.log_level,
+            ),
+            stdin=subprocess.DEVNULL,
+        )
+        children.append(ManagedProcess("chat", chat, host, http_port))
+        gateway = subprocess.Popen(
+            _python_cli(
+                "gateway",
+                "--host", host,
+                "--port", str(config.port),
+                "--workers", str(config.workers),
+                "--redis-url", f"redis://{redis.address}",
+                "--kafka-bootstrap", kafka.address,
+                "--history-url", history_url,
+                "--log-level", config.log_level,
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+        )
+        children.append(ManagedProcess("gateway", gateway, host, config.port))
+        workers_ready = _watch_ready_lines(gateway, config.workers)
+
+        try:
+            wait_for_port(host, http_port, STARTUP_TIMEOUT_S, chat)
+            if not workers_ready.wait(STARTUP_TIMEOUT_S):
+                raise TimeoutError(f"the gateway workers were not ready after {STARTUP_TIMEOUT_S:.0f} s")
+        except (RuntimeError, TimeoutError) as exc:
+            _say(f"start-up failed: {exc} (logs in {logs})")
+            return 1
+
+        print(
+            f"{READY_PREFIX}ws={ws_url} redis=redis://{redis.address} kafka={kafka.address} "
+            f"history={history_url} page=http://{host}:{http_port}/",
+            flush=True,
+        )
+        while not stop.is_set():
+            for child in children:
+                if not child.alive():
+                    _say(f"{child.name} exited with {child.proc.returncode}; stopping the stack")
+                    return 1
+            stop.wait(0.5)
+        _say("stopping")
+        return 0
+    finally:
+        # Gateways first (they drain), then the chat service, then the infrastructure.
+        for child in reversed(children):
+            child.stop(timeout_s=35.0 if child.name == "gateway" else 10.0)
+
+
+def _watch_ready_lines(proc: subprocess.Popen[bytes], workers: int) -> threading.Event:
+    """Count the workers' `ready` lines on the gateway's stdout; pass other lines through."""
+    ready = threading.Event()
+
+    def pump() -> None:
+        seen: set[str] = set()
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line.startswith("gateway worker ") and " ready" in line:
+                seen.add(line.split()[2])
+                if len(seen) >= workers:
+                    ready.set()
+            else:
+                print(line, flush=True)
+
+    threading.Thread(target=pump, daemon=True, name="gateway-stdout").start()
+    return ready
