@@ -88,6 +88,9 @@ class ChatConfig:
     batch_max: int = setting(500, "ingest records handled per batch")
     fetch_max_wait_ms: int = setting(10, "Kafka consumer fetch wait", unit="ms")
     produce_linger_ms: int = setting(1, "Kafka producer linger for message.created", unit="ms")
+    max_body_bytes: int = setting(
+        4096, "largest message body (UTF-8) stored; larger ingest records are skipped; same env as the gateway's", unit="bytes"
+    )
     page_ws_url: str = setting("", "WebSocket URL the demo page connects to; empty: the page is not served")
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
 
