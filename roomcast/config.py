@@ -46,6 +46,10 @@ class GatewayConfig:
     workers: int = setting(1, "worker processes, one per core is the rule")
     gateway_id: str = setting("", "this gateway's name in ingest records; default <hostname>")
     redis_url: str = setting("redis://127.0.0.1:6379", "Redis for room pub/sub")
+    redis_mode: str = setting(
+        "plain", "plain: one Redis, PUBLISH/SUBSCRIBE; cluster: Redis Cluster, sharded SPUBLISH/SSUBSCRIBE",
+        choices=("plain", "cluster"),
+    )
     kafka_bootstrap: str = setting(
         "", "Kafka bootstrap servers host:port[,host:port]; empty: no posting (every post gets `unavailable`)"
     )
@@ -54,6 +58,8 @@ class GatewayConfig:
     )
     auth_mode: str = setting("dev", "dev: ?user= names the user, no token; jwt: tokens required", choices=("dev", "jwt"))
     jwt_secret: str = setting("", "HS256 key for auth_mode=jwt")
+    jwt_public_key: str = setting("", "PEM public key (or @path to one) to accept RS256 tokens too")
+    admin_port: int = setting(9100, "admin HTTP port (/metrics, /healthz, /readyz); worker i uses admin_port + i; 0: off")
     max_frame_bytes: int = setting(64 * 1024, "largest client frame; bigger closes with 1009", unit="bytes")
     max_body_bytes: int = setting(4096, "largest message body (UTF-8); bigger gets `too_large`", unit="bytes")
     send_rate_per_s: float = setting(20.0, "sustained posts per connection", unit="1/s")
@@ -75,6 +81,7 @@ class GatewayConfig:
     drain_timeout_s: float = setting(30.0, "the whole drain is bounded by this", unit="s")
     test_echo_route: bool = setting(False, "serve /echo through the frame layer (conformance tests only)")
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
+    log_format: str = setting("text", "text for people, json for log collectors", choices=("text", "json"))
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,13 @@ class ChatConfig:
         4096, "largest message body (UTF-8) stored; larger ingest records are skipped; same env as the gateway's", unit="bytes"
     )
     page_ws_url: str = setting("", "WebSocket URL the demo page connects to; empty: the page is not served")
+    auth_mode: str = setting("dev", "dev: history is open; jwt: history needs the same token as the WebSocket", choices=("dev", "jwt"))
+    jwt_secret: str = setting("", "HS256 key for auth_mode=jwt")
+    jwt_public_key: str = setting("", "PEM public key (or @path to one) to accept RS256 tokens too")
+    retention_count: int = setting(10_000, "messages kept per room for history and `since` replay; 0: all")
+    retention_age_s: int = setting(7 * 24 * 3600, "messages older than this are dropped from history; 0: kept", unit="s")
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
+    log_format: str = setting("text", "text for people, json for log collectors", choices=("text", "json"))
 
 
 @dataclass(frozen=True)
@@ -204,9 +217,13 @@ def _validate(config: Any) -> None:
     db = getattr(config, "database_url", None)
     if db is not None and not db.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise bad("database_url", f"is {db!r}", "use sqlite:///PATH or postgresql://user@host/db")
+    if isinstance(config, (GatewayConfig, ChatConfig)):
+        if config.auth_mode == "jwt" and not (config.jwt_secret or config.jwt_public_key):
+            raise bad(
+                "jwt_secret", "is empty while auth_mode is jwt",
+                "set ROOMCAST_JWT_SECRET to the HS256 key (or ROOMCAST_JWT_PUBLIC_KEY for RS256)",
+            )
     if isinstance(config, GatewayConfig):
-        if config.auth_mode == "jwt" and not config.jwt_secret:
-            raise bad("jwt_secret", "is empty while auth_mode is jwt", "set ROOMCAST_JWT_SECRET to the HS256 key")
         if config.max_body_bytes > config.max_frame_bytes:
             raise bad("max_body_bytes", "is larger than max_frame_bytes", "lower it or raise max_frame_bytes")
 
