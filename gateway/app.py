@@ -27,7 +27,7 @@ from gateway.adapters.history import HistoryClient, HistoryUnavailable
 from gateway.adapters.kafka import CreatedRelay, IngestProducer
 from gateway.adapters.redis_sub import RedisSubscriber
 from gateway.adapters.websocket import Connection
-from gateway.core.rooms import Room, RoomRegistry, frame_events
+from gateway.core.rooms import Delivery, Room, RoomRegistry, frame_events
 from gateway.core.session import Close, JoinRoom, LeaveRoom, Post, Reply, Session, SessionLimits
 from roomcast.config import GatewayConfig, gateway_id
 from roomcast.wire.codes import CloseCode, ErrorCode
@@ -45,6 +45,12 @@ SUBSCRIBE_WAIT_S = 2.0
 MAX_REPLAY = 5000
 # A worker announces itself ready once connected, or after this long anyway.
 READY_WAIT_S = 30.0
+# A slow consumer that has not read its 4000 close after this long is cut.
+SLOW_ABORT_S = 5.0
+# A gap fill retries history this long before it lets the room go on with the gap.
+FILL_GIVE_UP_S = 30.0
+# Fills run at most this many at once (a Redis reconnect checks every room).
+FILL_CONCURRENCY = 16
 
 
 class GatewayApp:
@@ -53,7 +59,7 @@ class GatewayApp:
     def __init__(self, config: GatewayConfig, worker_index: int = 0) -> None:
         self.config = config
         self.name = f"{gateway_id(config)}-{worker_index}"
-        self.registry = RoomRegistry()
+        self.registry = RoomRegistry(fill_gaps=bool(config.history_url))
         self.limits = SessionLimits(
             max_body_bytes=config.max_body_bytes,
             send_rate_per_s=config.send_rate_per_s,
@@ -82,7 +88,9 @@ class GatewayApp:
         self.draining = False
         self.closed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._fill_slots = asyncio.Semaphore(FILL_CONCURRENCY)
         self.port = 0
+        self.slow_consumers = 0
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -192,15 +200,16 @@ class GatewayApp:
 
     def connection_paused(self, conn: Connection) -> None:
         for room_id in conn.session.rooms:
-            self.registry.set_writer(room_id, conn, conn.checked_write)
+            self.registry.set_writer(room_id, conn, conn.queue_write)
 
     def connection_resumed(self, conn: Connection) -> None:
         for room_id in conn.session.rooms:
             self.registry.set_writer(room_id, conn, conn.raw_write)
 
     def slow_consumer(self, conn: Connection) -> None:
+        self.slow_consumers += 1
         log.info("closing slow consumer %s (send buffer over %d bytes)", conn.session.user, self.config.send_buffer_limit_bytes)
-        conn.abort(CloseCode.SLOW_CONSUMER, "send buffer over the limit; reconnect with since")
+        conn.end_slow(abort_after_s=SLOW_ABORT_S)
 
     # ---- actions from the session ---------------------------------------------------
 
@@ -287,12 +296,12 @@ class GatewayApp:
         conn.send_text(encode_joined(room.id, latest, recovered))
         sent_up_to = latest
         if replay:
-            conn.raw_write(frame_events([payload for _, payload in replay]))
+            conn.write_frames(frame_events([payload for _, payload in replay]))
             sent_up_to = max(sent_up_to, replay[-1][0])
-        writer = conn.checked_write if conn.paused else conn.raw_write
+        writer = conn.queue_write if conn.paused else conn.raw_write
         pending = self.registry.complete_join(room, conn, writer, sent_up_to)
         if pending:
-            writer(frame_events(pending))
+            conn.write_frames(frame_events(pending))
 
     def _leave_room(self, room_id: str, conn: Connection) -> None:
         if self.registry.leave(room_id, conn):
@@ -310,17 +319,70 @@ class GatewayApp:
             if room is None:
                 continue  # unsubscribed meanwhile
             delivery = deliver(room, payloads)
-            if delivery is None:
-                continue
-            buffer = delivery.buffer
-            for write in list(room.members.values()) if room.catching_up or delivery.extra else room.members.values():
-                write(buffer)
-            for write, data in delivery.extra:
-                write(data)
+            if delivery is not None:
+                self._write(delivery)
+        if self.registry.fill_requests:
+            for room in self.registry.fill_requests:
+                self.spawn(self._fill(room))
+            self.registry.fill_requests.clear()
+
+    def _write(self, delivery: Delivery) -> None:
+        buffer = delivery.buffer
+        members = delivery.room.members
+        # A snapshot: a writer may close its socket (slow consumer), which edits `members`.
+        for write in tuple(members.values()):
+            write(buffer)
+        for write, data in delivery.extra:
+            write(data)
 
     def on_redis_connected(self, reconnected: bool) -> None:
-        if reconnected:
-            log.warning("redis subscriber reconnected; %d rooms re-subscribed", len(self.registry.rooms))
+        if not reconnected:
+            return
+        # Anything published while the connection was down was missed
+        # (PITFALLS.md 1): check every room against history.
+        log.warning("redis subscriber reconnected; checking %d rooms for missed messages", len(self.registry.rooms))
+        if self.history is None:
+            return
+        for room in list(self.registry.rooms.values()):
+            if self.registry.begin_fill(room) is not None:
+                self.spawn(self._fill(room))
+
+    async def _fill(self, room: Room) -> None:
+        """Fetch what the room missed after its last delivered seq, then deliver it with the held events."""
+        assert self.history is not None
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + FILL_GIVE_UP_S
+        events: list[tuple[int, bytes]] = []
+        delay = 0.05
+        async with self._fill_slots:
+            # Live events must be flowing before history is read, or what is
+            # published in between would fall in the crack.
+            while not self.subscriber.is_confirmed(room.channel) and loop.time() < give_up_at:
+                await asyncio.sleep(0.02)
+            while loop.time() < give_up_at:
+                if self.registry.rooms.get(room.id) is not room:
+                    return  # everyone left meanwhile
+                try:
+                    after = room.last_seq
+                    latest, page = await self.history.page(room.id, after=after, limit=500)
+                    events = page
+                    while events and events[-1][0] < latest and len(events) < MAX_REPLAY:
+                        _, more = await self.history.page(room.id, after=events[-1][0], limit=500)
+                        if not more:
+                            break
+                        events.extend(more)
+                    break
+                except HistoryUnavailable as exc:
+                    log.warning("gap fill of %s failed, retrying: %s", room.id, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+            else:
+                log.error("gap fill of %s gave up after %.0f s; delivering with the gap", room.id, FILL_GIVE_UP_S)
+        if self.registry.rooms.get(room.id) is not room:
+            return
+        delivery = self.registry.finish_fill(room, events)
+        if delivery is not None:
+            self._write(delivery)
 
     async def publish_events(self, records: list[tuple[bytes, bytes]]) -> None:
         """PUBLISH each (room key, event) on room:<id>, in order, in one round trip."""

@@ -164,6 +164,10 @@ class RedisSubscriber:
             self._orphan(channel, fut)
         return fut
 
+    def is_confirmed(self, channel: bytes) -> bool:
+        """Subscribed on the current connection, with no SUBSCRIBE awaiting its reply."""
+        return self._protocol is not None and channel in self._wanted and channel not in self._pending
+
     def unsubscribe(self, channel: bytes) -> None:
         self._wanted.discard(channel)
         proto = self._protocol

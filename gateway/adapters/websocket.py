@@ -12,6 +12,7 @@ layer copies what it keeps.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 from picows import WSMsgType, WSTransport
 
 from gateway.adapters.framed import FramedListener
+from gateway.core.wsframe import text_frame
 from gateway.core.session import Session
 from roomcast.wire.codes import CloseCode
 
@@ -43,6 +45,10 @@ class Connection(FramedListener):
         self.raw_write = _discard
         self.closed = False
         self.paused = False
+        # Frames held while the transport is paused (bytes objects shared with
+        # every other socket of the room: a slow socket holds references, not copies).
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
 
     # ---- picows callbacks ----------------------------------------------------
 
@@ -66,29 +72,44 @@ class Connection(FramedListener):
         self.app.perform(self, self.session.refuse_binary())
 
     def pause_writing(self) -> None:
-        # The socket's buffer passed the high-water mark: from now on its
-        # writes are checked against the send-buffer limit.
+        # The socket's transport buffer passed its high-water mark: from now on
+        # this connection's frames queue here, counted against the limit.
         self.paused = True
         self.app.connection_paused(self)
 
     def resume_writing(self) -> None:
         self.paused = False
+        pending, self.pending = self.pending, []
+        self.pending_bytes = 0
+        if pending and not self.closed:
+            self.raw_write(b"".join(pending))
         self.app.connection_resumed(self)
 
     # ---- writes --------------------------------------------------------------
 
     def send_text(self, payload: bytes) -> None:
-        """A single control-path frame (joined, ack, error...)."""
-        if not self.closed and self.transport is not None:
+        """One control-path frame (joined, ack, error...), in order with fan-out frames."""
+        if self.closed or self.transport is None:
+            return
+        if self.paused:
+            self.queue_write(text_frame(payload))
+        else:
             self.transport.send(_TEXT, payload)
 
-    def checked_write(self, data: bytes) -> None:
-        """The writer of a paused socket: closes it with 4000 past the send-buffer limit."""
+    def write_frames(self, data: bytes) -> None:
+        """Pre-built frames, through the queue while the socket is paused."""
+        if self.paused:
+            self.queue_write(data)
+        elif not self.closed:
+            self.raw_write(data)
+
+    def queue_write(self, data: bytes) -> None:
+        """The writer of a paused socket: over send_buffer_limit_bytes it is a slow consumer."""
         if self.closed:
             return
-        self.raw_write(data)
-        transport = self.transport
-        if transport is not None and transport.underlying_transport.get_write_buffer_size() > self.app.config.send_buffer_limit_bytes:
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes > self.app.config.send_buffer_limit_bytes:
             self.app.slow_consumer(self)
 
     def end(self, code: int, reason: str = "") -> None:
@@ -100,24 +121,24 @@ class Connection(FramedListener):
         if self.transport is not None:
             self.close(self.transport, code, reason)
 
-    def abort(self, code: int = CloseCode.SLOW_CONSUMER, reason: str = "") -> None:
-        """Close without waiting for queued data: the socket's buffer is freed now.
-
-        The close frame is written first, but it sits behind the queued data,
-        so a peer that stopped reading will mostly see the TCP reset.
-        """
+    def end_slow(self, abort_after_s: float) -> None:
+        """Close as a slow consumer (4000): free the queued frames now, send the
+        close behind what the transport already holds, and abort the socket if
+        the peer has not read it after abort_after_s."""
         if self.closed:
             return
-        self.closed = True
-        self.app.connection_closed(self)
+        self.pending = []
+        self.pending_bytes = 0
         transport = self.transport
-        if transport is None:
-            return
-        try:
-            transport.send_close(code, reason.encode())  # type: ignore[arg-type]
-        except Exception:  # the transport is already going away
-            pass
-        transport.underlying_transport.abort()
+        self.end(CloseCode.SLOW_CONSUMER, "send buffer over the limit; reconnect with since")
+        if transport is not None:
+            underlying = transport.underlying_transport
+            asyncio.get_running_loop().call_later(abort_after_s, _abort_if_open, underlying)
+
+
+def _abort_if_open(underlying: asyncio.Transport) -> None:
+    if not underlying.is_closing() or underlying.get_write_buffer_size():
+        underlying.abort()
 
 
 def _discard(data: bytes) -> None:

@@ -56,7 +56,7 @@ def frame_events(payloads: list[bytes]) -> bytes:
 
 
 class Room:
-    __slots__ = ("id", "channel", "members", "joining", "catching_up", "last_seq")
+    __slots__ = ("id", "channel", "members", "joining", "catching_up", "last_seq", "filling", "held")
 
     def __init__(self, room_id: str) -> None:
         self.id = room_id
@@ -66,6 +66,9 @@ class Room:
         self.catching_up: dict[Member, tuple[Writer, int]] = {}
         # Last seq this process delivered; 0 while none is known.
         self.last_seq = 0
+        # While a gap is being filled from history, live events wait in `held`.
+        self.filling = False
+        self.held: list[tuple[int, bytes]] = []
 
     def __len__(self) -> int:
         return len(self.members) + len(self.joining) + len(self.catching_up)
@@ -93,16 +96,29 @@ class RegistryStats:
     events_accepted: int = 0
     events_duplicate: int = 0
     events_malformed: int = 0
-    gaps: int = 0
+    gaps: int = 0  # gaps seen in the live stream
+    gaps_filled: int = 0  # fills that closed every gap they were asked for
+    gaps_unfilled: int = 0  # fills that left a gap (history could not supply it)
 
 
 class RoomRegistry:
-    """All rooms with a local socket in this process, by id and by Redis channel."""
+    """All rooms with a local socket in this process, by id and by Redis channel.
 
-    def __init__(self) -> None:
+    With `fill_gaps` (a history API is configured), an event whose seq skips
+    ahead of the last one delivered starts a fill: the room's later events are
+    held, the room is put in `fill_requests` for the adapter to fetch the
+    missing seqs from history (once per room and gap, not once per socket),
+    and `finish_fill` delivers history and held events merged in seq order.
+    Other rooms are never held up by it.
+    """
+
+    def __init__(self, fill_gaps: bool = False) -> None:
         self.rooms: dict[str, Room] = {}
         self.by_channel: dict[bytes, Room] = {}
         self.stats = RegistryStats()
+        self.fill_gaps = fill_gaps
+        # Rooms whose gap the adapter must fill: drained by the adapter.
+        self.fill_requests: list[Room] = []
 
     # ---- membership ------------------------------------------------------
 
@@ -133,6 +149,10 @@ class RoomRegistry:
         pending = [payload for seq, payload in buffered if seq > sent_up_to]
         if pending:
             sent_up_to = max(sent_up_to, buffered[-1][0])
+        if room.last_seq == 0 and not room.members and not room.catching_up:
+            # The first member to complete sets where this process stands, so a
+            # gap right after the join is seen like any other.
+            room.last_seq = sent_up_to
         if sent_up_to > room.last_seq:
             room.catching_up[member] = (writer, sent_up_to)
         else:
@@ -165,30 +185,77 @@ class RoomRegistry:
         """Plan the delivery of a room's events from one Redis read, in order.
 
         Drops malformed events and those whose seq is not above the last one
-        delivered; frames the rest once. None when nothing is left to write.
+        delivered; frames the rest once. With fill_gaps, stops at a gap and
+        holds the rest (see the class doc). None when nothing is left to write.
         """
         last = room.last_seq
         accepted: list[bytes] = []
         seqs: list[int] = []
         stats = self.stats
+        holding = room.filling
         for payload in payloads:
             try:
                 seq = decode_event_seq(payload)
             except (msgspec.DecodeError, ValueError):
                 stats.events_malformed += 1
                 continue
+            if holding:
+                room.held.append((seq, payload))
+                continue
             if seq <= last:
                 stats.events_duplicate += 1
                 continue
             if last and seq != last + 1:
                 stats.gaps += 1
+                if self.fill_gaps:
+                    holding = room.filling = True
+                    room.held.append((seq, payload))
+                    self.fill_requests.append(room)
+                    continue
             last = seq
             accepted.append(payload)
             seqs.append(seq)
         if not accepted:
             return None
-        room.last_seq = last
-        stats.events_accepted += len(accepted)
+        return self._accept(room, seqs, accepted)
+
+    def begin_fill(self, room: Room) -> int | None:
+        """Hold the room's live events for a fill after its last seq (e.g. after a
+        Redis reconnect, when anything may have been missed). Returns that seq, or
+        None if a fill is already running or nothing was delivered yet."""
+        if room.filling or room.last_seq == 0:
+            return None
+        room.filling = True
+        return room.last_seq
+
+    def finish_fill(self, room: Room, history: list[tuple[int, bytes]]) -> Delivery | None:
+        """Deliver history events and the held live ones merged by seq; resume live delivery.
+
+        Whatever seqs are still missing stay missing (counted in gaps_unfilled):
+        delivery goes on rather than stalling the room for good.
+        """
+        held, room.held = room.held, []
+        room.filling = False
+        merged: dict[int, bytes] = {}
+        for seq, payload in history:
+            merged.setdefault(seq, payload)
+        for seq, payload in held:
+            merged.setdefault(seq, payload)
+        last = room.last_seq
+        seqs = sorted(s for s in merged if s > last)
+        self.stats.events_duplicate += len(held) + len(history) - len(seqs)
+        if not seqs:
+            self.stats.gaps_filled += 1
+            return None
+        if seqs[-1] - last == len(seqs):
+            self.stats.gaps_filled += 1
+        else:
+            self.stats.gaps_unfilled += 1
+        return self._accept(room, seqs, [merged[s] for s in seqs])
+
+    def _accept(self, room: Room, seqs: list[int], accepted: list[bytes]) -> Delivery:
+        room.last_seq = seqs[-1]
+        self.stats.events_accepted += len(accepted)
         if room.joining:
             pairs = list(zip(seqs, accepted))
             for buffered in room.joining.values():
