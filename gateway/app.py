@@ -266,7 +266,7 @@ class GatewayApp:
         if self.history is not None:
             try:
                 latest, recovered, replay = await self._history_since(room.id, since)
-            except HistoryUnavailable as exc:
+            except Exception as exc:  # HistoryUnavailable, or a bad answer: the join goes on
                 log.warning("history unavailable for a join: %s", exc)
                 recovered = since is None or since >= room.last_seq
         elif since is not None and since < room.last_seq:

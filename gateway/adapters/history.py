@@ -50,7 +50,7 @@ class HistoryClient:
             body = await asyncio.wait_for(self._get(path), self.timeout_s)
             page = _page_decoder.decode(body)
             return page.latest_seq, [(decode_event_seq(raw), bytes(raw)) for raw in page.messages]
-        except (OSError, asyncio.TimeoutError, msgspec.DecodeError, ValueError) as exc:
+        except (OSError, EOFError, asyncio.TimeoutError, msgspec.DecodeError, ValueError) as exc:
             raise HistoryUnavailable(f"history of {room} after {after}: {exc!r}") from exc
 
     async def _get(self, path: str) -> bytes:
