@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Error, Page, expect, sync_playwright
 
-from tests.e2e.conftest import DevStack
 from tests.support import scaled
+
+if TYPE_CHECKING:
+    from tests.e2e.conftest import DevStack
 
 pytestmark = pytest.mark.browser
 
