@@ -196,6 +196,12 @@ class MessageAssembler:
         """
         # Hot path: a whole text message in one frame, no extension bits, no
         # fragmented message open, within the limit. One branch, one decode.
+        # Cost of this call for a 200-byte text frame (2-core AMD EPYC VM,
+        # CPython 3.11.7; best of 7, machine shared, so +-15%):
+        #   python -m timeit -s "from gateway.core.framing import
+        #   MessageAssembler; f = MessageAssembler(65536).feed;
+        #   p = b'x' * 200" "f(1, True, False, False, False, p)"
+        # -> 230-280 ns, of which bytes.decode is 51 ns.
         if opcode == OP_TEXT and fin and len(payload) <= self._fast_limit and not (rsv1 or rsv2 or rsv3):
             try:
                 text = payload.decode()
