@@ -1,0 +1,145 @@
+"""The message store: the one interface every storage backend implements.
+
+A backend (sqlite.py now, postgres.py next) must keep these guarantees, which
+the shared conformance suite in tests/integration/test_store_sqlite.py checks:
+
+- Per room, `seq` is 1, 2, 3 ... with no gap and no reuse (PROTOCOL.md 3),
+  also when two chat instances briefly both handle a room during a consumer
+  group rebalance. The store, not the caller, assigns seq: inside the batch's
+  transaction it takes the room's last seq under a lock (SQLite: `BEGIN
+  IMMEDIATE`; Postgres: `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` on the
+  rooms row, or `SELECT ... FOR UPDATE`), and the schema backs it with
+  UNIQUE(room, seq) and UNIQUE(room, user, client_msg_id), so a lost race is an
+  error and a retry, never a gap or a double.
+- A record whose (room, user, client_msg_id) is already stored is not stored
+  again: the stored event comes back with `created=False` (also for a repeat
+  inside one batch). The same client_msg_id from another user or room is a
+  new message.
+- One batch is one transaction: all of it is stored or none of it.
+- The room's latest seq survives retention: pruning old messages never lets
+  a seq be reused.
+
+Retention: `Retention` is the data a future policy needs (how many messages
+or how much time to keep per room); backends store each message's `ts` and
+each room's oldest retained seq, and `prune` is the mechanism. Dedupe covers
+the retained messages only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from roomcast.wire.events import IngestRecord, MessageEvent
+
+__all__ = [
+    "HISTORY_MAX_LIMIT",
+    "HistoryPage",
+    "MessageStore",
+    "Retention",
+    "StoreError",
+    "StoredMessage",
+]
+
+HISTORY_MAX_LIMIT = 500  # PROTOCOL.md 5: limit 1-500
+
+
+class StoreError(Exception):
+    """The store could not do what was asked (database unreachable, locked, corrupt).
+
+    The caller may retry: every store operation is idempotent or read-only.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """The outcome of one ingest record: its stored event, and whether this call stored it.
+
+    `created` is False when the record repeated an already-stored
+    (room, user, client_msg_id): `event` is then the original, unchanged.
+    """
+
+    event: MessageEvent
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """A slice of a room's history, read in one consistent snapshot.
+
+    `messages` are in seq order, each with seq > the `after_seq` asked for.
+    `latest_seq` is the room's last seq (0 for a room that never had a
+    message). `oldest_seq` is the lowest seq still retained, or
+    `latest_seq + 1` when none is (so 1 for an empty room): the messages after
+    `after_seq` are all available exactly when `after_seq + 1 >= oldest_seq`.
+    """
+
+    room: str
+    latest_seq: int
+    oldest_seq: int
+    messages: list[MessageEvent] = field(default_factory=list)
+
+    def recovers(self, after_seq: int) -> bool:
+        """True when every message with seq > after_seq is still retained."""
+        return after_seq + 1 >= self.oldest_seq
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much history to keep per room; None means no limit on that axis.
+
+    Not enforced yet: a sweeper will turn it into `prune(room, keep_from_seq=...)`.
+    """
+
+    keep_messages: int | None = None
+    keep_ms: int | None = None
+
+
+@runtime_checkable
+class MessageStore(Protocol):
+    """Durable per-room message history with seq assignment and dedupe.
+
+    Lifecycle: `await start()` once before anything else, `await aclose()` at
+    the end (idempotent). Every method may raise StoreError on a database
+    failure; the caller retries the same call.
+    """
+
+    async def start(self) -> None:
+        """Connect and create the schema if missing. Raises StoreError."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close connections. Idempotent; never raises for an already closed store."""
+        ...
+
+    async def store_batch(self, records: Sequence[IngestRecord], now_ms: int) -> list[StoredMessage]:
+        """Store valid records in one transaction; one StoredMessage per record, in order.
+
+        Records are assigned seqs in the order given (per room), with `ts =
+        now_ms` and a fresh ULID id. A repeat of a stored (room, user,
+        client_msg_id) gives back the stored event with created=False. The
+        records must already have passed `chat.core.validation`. Raises
+        StoreError, and then nothing of the batch is stored.
+        """
+        ...
+
+    async def history(self, room: str, after_seq: int = 0, limit: int = 100) -> HistoryPage:
+        """Up to `limit` messages of `room` with seq > after_seq, oldest first.
+
+        Raises ValueError for a negative after_seq or a limit outside
+        1..HISTORY_MAX_LIMIT, StoreError on a database failure.
+        """
+        ...
+
+    async def latest_seq(self, room: str) -> int:
+        """The room's last seq; 0 when it never had a message."""
+        ...
+
+    async def prune(self, room: str, *, keep_from_seq: int) -> int:
+        """Delete the room's messages with seq < keep_from_seq; return how many went.
+
+        The room's latest seq is unchanged, so seqs are never reused; its
+        oldest retained seq moves up to keep_from_seq (at most latest_seq + 1).
+        """
+        ...
