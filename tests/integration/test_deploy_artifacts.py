@@ -138,7 +138,7 @@ def _kubectl() -> str:
 def _need_kubernetes_validate() -> Any:
     if importlib.util.find_spec("kubernetes_validate") is None:
         _missing("kubernetes-validate")
-    import kubernetes_validate.utils as kv  # noqa: PLC0415 (optional tool)
+    import kubernetes_validate.utils as kv  # optional tool: imported when needed
 
     return kv
 
@@ -146,7 +146,7 @@ def _need_kubernetes_validate() -> Any:
 def _yaml() -> Any:
     if importlib.util.find_spec("yaml") is None:  # PyYAML comes with kubernetes-validate
         _missing("kubernetes-validate")
-    import yaml  # noqa: PLC0415
+    import yaml
 
     return yaml
 
@@ -548,8 +548,8 @@ CR_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
 
 @functools.cache
 def _cr_validator(api_version: str, kind: str) -> Any:
-    import jsonschema  # noqa: PLC0415 (comes with kubernetes-validate)
-    from referencing import Registry, Resource  # noqa: PLC0415
+    import jsonschema  # comes with kubernetes-validate
+    from referencing import Registry, Resource
 
     kv = _need_kubernetes_validate()
     schema_dir = f"kubernetes-json-schema/v{K8S_VERSION}.0-local-strict"
@@ -619,7 +619,7 @@ def test_grace_period_covers_prestop_and_drain(render: Any, target: str) -> None
         f"gateway terminationGracePeriodSeconds {grace} must exceed preStop {prestop}s + drain timeout {drain_timeout}s"
     )
 
-    from chat.app import SHUTDOWN_TIMEOUT_S  # noqa: PLC0415 (the chat drain bound)
+    from chat.app import SHUTDOWN_TIMEOUT_S  # the chat drain's bound
 
     chat = r.deployment("chat")
     chat_c = container(chat, "chat")
@@ -784,7 +784,7 @@ def test_rendered_environment_is_a_valid_roomcast_config(render: Any, target: st
     roomcast-* become ROOMCAST_*_SERVICE_HOST etc., unknown settings that make
     roomcast refuse to start, unless the pod sets enableServiceLinks: false.
     """
-    from roomcast.cli import build_parser  # noqa: PLC0415
+    from roomcast.cli import build_parser
 
     r = render(target)
     sections = {"gateway": GatewayConfig, "chat": ChatConfig}
@@ -1017,7 +1017,7 @@ def test_dockerfile_builds_the_image_the_manifests_expect() -> None:
             words = args.split()
             image = words[0]
             if image not in stages:
-                name, _, tag = image.partition(":")
+                tag = image.partition(":")[2]
                 assert tag and tag != "latest", f"base image {image} must be pinned by tag"
             final_from = stages.get(image, image)
             if len(words) == 3 and words[1].upper() == "AS":
@@ -1052,7 +1052,7 @@ def test_dockerfile_builds_the_image_the_manifests_expect() -> None:
 class _Health(http.server.BaseHTTPRequestHandler):
     status = 200
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server API)
+    def do_GET(self) -> None:
         code = self.status if self.path == "/healthz" else 404
         self.send_response(code)
         self.send_header("Content-Length", "0")
