@@ -123,32 +123,56 @@ class GatewayApp:
         return not self.draining and self.subscriber.connected and kafka_ok
 
     async def drain(self) -> None:
-        """Graceful shutdown, bounded by drain_timeout_s.
+        """Graceful shutdown, bounded by drain_timeout_s; later calls wait for the first.
 
-        1. readiness off, 2. stop accepting, 3. close sockets with 1012 spread
-        over drain_window_s, 4. flush the producer, 5. commit and leave the
-        group, 6. close Redis.
+        Steps, each logged as `drain step N/7`:
+        1. readiness off (/readyz answers 503), 2. stop accepting, 3. stop
+        reading client frames and let posts in flight get their answer,
+        4. close sockets with 1012 spread over drain_window_s (no reconnect
+        stampede), 5. flush the producer, 6. commit and leave the consumer
+        group, 7. close Redis.
         """
         if self.draining:
+            await self.closed.wait()
             return
-        self.draining = True  # 1.
-        log.info("draining %d connections", len(self.connections))
-        if self.server is not None:  # 2.
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._drain_steps(), self.config.drain_timeout_s)
+        except asyncio.TimeoutError:
+            log.error("drain took over %.0f s; closing what is left now", self.config.drain_timeout_s)
+            for conn in list(self.connections):
+                conn.end(CloseCode.DRAINING, "server restarting")
+            await self.subscriber.aclose()
+        finally:
+            self.closed.set()
+
+    async def _drain_steps(self) -> None:
+        log.info("drain step 1/7: readiness off")
+        log.info("drain step 2/7: listener closed")
+        if self.server is not None:
             self.server.close()
-        conns = list(self.connections)  # 3.
-        window = self.config.drain_window_s
-        if conns:
-            step = window / len(conns)
-            for i, conn in enumerate(conns):
-                conn.end(CloseCode.DRAINING, "server restarting; reconnect with since")
-                if step and i % 100 == 99:
-                    await asyncio.sleep(step * 100)
-        await self._wait_tasks(5.0)  # posts in flight get their ack or error
-        await self.producer.aclose()  # 4.
-        await self.relay.aclose()  # 5.
-        await self.subscriber.aclose()  # 6.
+        log.info("drain step 3/7: reading paused on %d sockets; %d tasks in flight", len(self.connections), len(self._tasks))
+        for conn in list(self.connections):
+            conn.pause_reading()
+        await self._wait_tasks(min(5.0, self.config.drain_timeout_s / 3))
+        conns = list(self.connections)
+        log.info("drain step 4/7: closing %d sockets with 1012 over %.1f s", len(conns), self.config.drain_window_s)
+        tick_s = 0.05
+        ticks = max(1, int(self.config.drain_window_s / tick_s))
+        per_tick = max(1, -(-len(conns) // ticks))
+        for start in range(0, len(conns), per_tick):
+            for conn in conns[start : start + per_tick]:
+                conn.end(CloseCode.DRAINING, "server restarting; reconnect with since", linger_s=2.0)
+            if start + per_tick < len(conns):
+                await asyncio.sleep(tick_s)
+        log.info("drain step 5/7: flushing the producer")
+        await self.producer.aclose()
+        log.info("drain step 6/7: committing and leaving %s", self.relay.group_id)
+        await self.relay.aclose()
+        log.info("drain step 7/7: closing redis")
+        await self.subscriber.aclose()
         await self.publisher.aclose()
-        self.closed.set()
+        log.info("drained")
 
     async def _wait_tasks(self, timeout_s: float) -> None:
         if self._tasks:

@@ -1,4 +1,4 @@
-"""The `roomcast` command: dev, gateway, chat.
+"""The `roomcast` command: dev, gateway, chat, token.
 
 Flags are generated from the config sections (roomcast/config.py), so a
 setting has one name everywhere: `--max-body-bytes` on the command line,
@@ -12,6 +12,7 @@ import dataclasses
 import sys
 from typing import Any
 
+from roomcast import tokencmd
 from roomcast.config import ChatConfig, ConfigError, DevConfig, GatewayConfig, load
 
 __all__ = ["main"]
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     chat = sub.add_parser("chat", help="run the chat service against given Kafka and database")
     _add_section_flags(chat, ChatConfig)
+    tokencmd.add_parser(sub)
     return parser
 
 
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     from roomcast.logs import setup_logging
 
     try:
+        if args.command == "token":
+            return tokencmd.run(args)
         if args.command == "dev":
             from roomcast.dev import run_dev
 
@@ -60,14 +64,14 @@ def main(argv: list[str] | None = None) -> int:
             from gateway.app import serve
 
             gw_config = load(GatewayConfig, _flags(args, GatewayConfig))
-            setup_logging(gw_config.log_level)
+            setup_logging(gw_config.log_level, gw_config.log_format == "json")
             serve(gw_config, args.worker_index)
             return 0
         if args.command == "chat":
             from chat.app import main as chat_main
 
             chat_config = load(ChatConfig, _flags(args, ChatConfig))
-            setup_logging(chat_config.log_level)
+            setup_logging(chat_config.log_level, chat_config.log_format == "json")
             chat_main(chat_config)
             return 0
     except ConfigError as exc:

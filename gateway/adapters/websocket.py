@@ -85,6 +85,11 @@ class Connection(FramedListener):
             self.raw_write(b"".join(pending))
         self.app.connection_resumed(self)
 
+    def pause_reading(self) -> None:
+        """Stop reading client frames (drain): what is sent now waits for the next gateway."""
+        if self.transport is not None and not self.closed:
+            self.transport.underlying_transport.pause_reading()
+
     # ---- writes --------------------------------------------------------------
 
     def send_text(self, payload: bytes) -> None:
@@ -112,14 +117,25 @@ class Connection(FramedListener):
         if self.pending_bytes > self.app.config.send_buffer_limit_bytes:
             self.app.slow_consumer(self)
 
-    def end(self, code: int, reason: str = "") -> None:
-        """Leave every room, send a close frame with code, disconnect. Idempotent."""
+    def end(self, code: int, reason: str = "", linger_s: float = 0.0) -> None:
+        """Leave every room, send a close frame with code, disconnect. Idempotent.
+
+        With linger_s the peer gets that long to answer the close (RFC 6455
+        7.1.2) before the TCP connection is cut: a client still sending when
+        the server closes at once may lose the close frame to a reset.
+        """
         if self.closed:
             return
         self.closed = True
         self.app.connection_closed(self)
-        if self.transport is not None:
-            self.close(self.transport, code, reason)
+        transport = self.transport
+        if transport is None:
+            return
+        if linger_s > 0 and not transport.is_close_frame_sent:
+            transport.send_close(code, reason.encode())  # type: ignore[arg-type]
+            asyncio.get_running_loop().call_later(linger_s, transport.disconnect)
+        else:
+            self.close(transport, code, reason)
 
     def end_slow(self, abort_after_s: float) -> None:
         """Close as a slow consumer (4000): free the queued frames now, send the
