@@ -274,7 +274,7 @@ class GatewayApp:
         if confirmed.done() and self.history is None and join.since is None:
             # Fast path: nothing to wait for, no await between reading last_seq
             # and becoming live, so nothing can fall in between.
-            self._complete_join(conn, room, room.last_seq, True, [])
+            self._complete_join(conn, room, room.last_seq, True, [], authoritative=False)
             return
         self.spawn(self._join_slow(conn, room, join.since, confirmed))
 
@@ -286,10 +286,11 @@ class GatewayApp:
             await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_WAIT_S)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             log.warning("join of %s went ahead without a confirmed subscription", room.id)
-        latest, recovered, replay = room.last_seq, True, []
+        latest, recovered, replay, authoritative = room.last_seq, True, [], False
         if self.history is not None:
             try:
                 latest, recovered, replay = await self._history_since(room.id, since)
+                authoritative = True
             except Exception as exc:  # HistoryUnavailable, or a bad answer: the join goes on
                 log.warning("history unavailable for a join: %s", exc)
                 recovered = since is None or since >= room.last_seq
@@ -297,7 +298,7 @@ class GatewayApp:
             recovered = False  # nothing to replay from
         if conn.closed or conn not in room.joining:
             return
-        self._complete_join(conn, room, latest, recovered, replay)
+        self._complete_join(conn, room, latest, recovered, replay, authoritative)
 
     async def _history_since(self, room_id: str, since: int | None) -> tuple[int, bool, list[tuple[int, bytes]]]:
         assert self.history is not None
@@ -316,14 +317,16 @@ class GatewayApp:
             events.extend(more)
         return latest, True, [e for e in events if e[0] <= latest]
 
-    def _complete_join(self, conn: Connection, room: Room, latest: int, recovered: bool, replay: list[tuple[int, bytes]]) -> None:
+    def _complete_join(
+        self, conn: Connection, room: Room, latest: int, recovered: bool, replay: list[tuple[int, bytes]], authoritative: bool
+    ) -> None:
         conn.send_text(encode_joined(room.id, latest, recovered))
         sent_up_to = latest
         if replay:
             conn.write_frames(frame_events([payload for _, payload in replay]))
             sent_up_to = max(sent_up_to, replay[-1][0])
         writer = conn.queue_write if conn.paused else conn.raw_write
-        pending = self.registry.complete_join(room, conn, writer, sent_up_to)
+        pending = self.registry.complete_join(room, conn, writer, sent_up_to, authoritative)
         if pending:
             conn.write_frames(frame_events(pending))
 

@@ -146,6 +146,8 @@ def _parse(section: type, f: dataclasses.Field[Any], raw: Any, source: str) -> A
             value = kind(raw)
         except (TypeError, ValueError):
             raise ConfigError(f"{where} is {raw!r}; use a number{' in ' + f.metadata['unit'] if f.metadata['unit'] else ''}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where} is {raw!r}; use a finite number")
         if value < 0:
             raise ConfigError(f"{where} is {raw!r}; it cannot be negative")
         return value

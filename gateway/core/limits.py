@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 __all__ = ["TokenBucket", "AbuseCounter"]
 
 
@@ -39,15 +41,13 @@ class AbuseCounter:
     def __init__(self, max_errors: int, window_ms: int) -> None:
         self.max_errors = max_errors
         self.window_ms = window_ms
-        self.stamps: list[int] = []
+        self.stamps: deque[int] = deque(maxlen=max_errors + 1)
 
     def record(self, now_ms: int) -> bool:
         """Note one refused frame; True when more than max_errors fell within the window."""
         stamps = self.stamps
-        stamps.append(now_ms)
+        stamps.append(now_ms)  # the oldest falls off past max_errors + 1
         cutoff = now_ms - self.window_ms
         while stamps and stamps[0] <= cutoff:
-            stamps.pop(0)
-        if len(stamps) > self.max_errors:
-            return True
-        return False
+            stamps.popleft()
+        return len(stamps) > self.max_errors

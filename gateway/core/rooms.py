@@ -56,7 +56,7 @@ def frame_events(payloads: list[bytes]) -> bytes:
 
 
 class Room:
-    __slots__ = ("id", "channel", "members", "joining", "catching_up", "last_seq", "filling", "held")
+    __slots__ = ("id", "channel", "members", "joining", "catching_up", "last_seq", "known", "filling", "held")
 
     def __init__(self, room_id: str) -> None:
         self.id = room_id
@@ -64,8 +64,11 @@ class Room:
         self.members: dict[Member, Writer] = {}
         self.joining: dict[Member, list[tuple[int, bytes]]] = {}
         self.catching_up: dict[Member, tuple[Writer, int]] = {}
-        # Last seq this process delivered; 0 while none is known.
+        # Last seq this process delivered, once `known`: set by the first event,
+        # or by the first join that read the room's position from history.
+        # Until then any seq is taken as it comes and no gap can be seen.
         self.last_seq = 0
+        self.known = False
         # While a gap is being filled from history, live events wait in `held`.
         self.filling = False
         self.held: list[tuple[int, bytes]] = []
@@ -136,12 +139,16 @@ class RoomRegistry:
             room.joining[member] = []
         return room, first
 
-    def complete_join(self, room: Room, member: Member, writer: Writer, sent_up_to: int) -> list[bytes]:
+    def complete_join(
+        self, room: Room, member: Member, writer: Writer, sent_up_to: int, authoritative: bool = False
+    ) -> list[bytes]:
         """Finish a join after `joined` and any replay (up to seq `sent_up_to`) were sent.
 
-        Returns the buffered live events the member still needs, in order; the
-        caller writes them right away, before yielding to the loop. Returns []
-        if the member left meanwhile.
+        `authoritative`: sent_up_to is the room's position read from history
+        (not a guess), so it may become this process's position. Returns the
+        buffered live events the member still needs, in order; the caller
+        writes them right away, before yielding to the loop. Returns [] if the
+        member left meanwhile.
         """
         buffered = room.joining.pop(member, None)
         if buffered is None:
@@ -149,10 +156,12 @@ class RoomRegistry:
         pending = [payload for seq, payload in buffered if seq > sent_up_to]
         if pending:
             sent_up_to = max(sent_up_to, buffered[-1][0])
-        if room.last_seq == 0 and not room.members and not room.catching_up:
-            # The first member to complete sets where this process stands, so a
-            # gap right after the join is seen like any other.
+        if authoritative and not room.known and not (room.members or room.catching_up or room.joining):
+            # The only member sets where this process stands, so a gap right
+            # after the join is seen like any other. (With other joins still in
+            # flight it must not: their history may be older than this one's.)
             room.last_seq = sent_up_to
+            room.known = True
         if sent_up_to > room.last_seq:
             room.catching_up[member] = (writer, sent_up_to)
         else:
@@ -189,6 +198,7 @@ class RoomRegistry:
         holds the rest (see the class doc). None when nothing is left to write.
         """
         last = room.last_seq
+        known = room.known
         accepted: list[bytes] = []
         seqs: list[int] = []
         stats = self.stats
@@ -202,16 +212,18 @@ class RoomRegistry:
             if holding:
                 room.held.append((seq, payload))
                 continue
-            if seq <= last:
-                stats.events_duplicate += 1
-                continue
-            if last and seq != last + 1:
-                stats.gaps += 1
-                if self.fill_gaps:
-                    holding = room.filling = True
-                    room.held.append((seq, payload))
-                    self.fill_requests.append(room)
+            if known:
+                if seq <= last:
+                    stats.events_duplicate += 1
                     continue
+                if seq != last + 1:
+                    stats.gaps += 1
+                    if self.fill_gaps:
+                        holding = room.filling = True
+                        room.held.append((seq, payload))
+                        self.fill_requests.append(room)
+                        continue
+            known = True
             last = seq
             accepted.append(payload)
             seqs.append(seq)
@@ -223,7 +235,7 @@ class RoomRegistry:
         """Hold the room's live events for a fill after its last seq (e.g. after a
         Redis reconnect, when anything may have been missed). Returns that seq, or
         None if a fill is already running or nothing was delivered yet."""
-        if room.filling or room.last_seq == 0:
+        if room.filling or not room.known:
             return None
         room.filling = True
         return room.last_seq
@@ -255,6 +267,7 @@ class RoomRegistry:
 
     def _accept(self, room: Room, seqs: list[int], accepted: list[bytes]) -> Delivery:
         room.last_seq = seqs[-1]
+        room.known = True
         self.stats.events_accepted += len(accepted)
         if room.joining:
             pairs = list(zip(seqs, accepted))

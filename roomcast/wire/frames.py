@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 # PROTOCOL.md 1: 1 to 128 characters of A-Z a-z 0-9 _ . : -
-ROOM_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
+ROOM_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}\Z"  # \Z: `$` would let a trailing newline through
 _room_id_re = re.compile(ROOM_ID_PATTERN)
 
 RoomId = Annotated[str, msgspec.Meta(pattern=ROOM_ID_PATTERN)]
@@ -82,7 +82,7 @@ def _ref_of(text: str | bytes) -> str | None:
     """`client_msg_id`, else `type`, of a refused frame, if it has one that is a string."""
     try:
         obj = _loose_decoder.decode(text)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError, UnicodeError):
         return None
     if not isinstance(obj, dict):
         return None
@@ -101,6 +101,8 @@ def decode_client_frame(text: str | bytes) -> ClientFrame:
         raise FrameError(ErrorCode.BAD_REQUEST, _describe(str(exc)), _ref_of(text)) from None
     except msgspec.DecodeError:
         raise FrameError(ErrorCode.BAD_REQUEST, "frame is not valid JSON") from None
+    except (RecursionError, UnicodeError):  # absurd nesting; a str with a lone surrogate
+        raise FrameError(ErrorCode.BAD_REQUEST, "frame is not valid JSON", None) from None
 
 
 def _describe(msgspec_error: str) -> str:
