@@ -1,0 +1,181 @@
+"""The chat service's HTTP API: message history (PROTOCOL.md 5), /healthz, the demo page.
+
+`GET /rooms/<room>/messages?after=<seq>&limit=<n>` answers
+`{"room":"r1","latest_seq":58,"messages":[<message event>, ...]}` in seq order
+(after defaults to 0, limit to 100, 1-500). A bad room, after or limit gets
+400 `{"error":"bad_request","message":"..."}`. Every response allows any
+origin, because the demo page and other browser clients live on another port.
+
+Beyond the contract's JSON, the response header `X-Roomcast-Oldest-Seq` gives
+the room's oldest retained seq, so a caller can tell a gap older than the
+retained history (PROTOCOL.md 3, `recovered:false`) without changing the body.
+The same follows from the body alone: a first message with seq > after + 1
+while latest_seq > after means the messages in between were pruned.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+import roomcast
+from chat.core.validation import is_room_id
+from chat.storage.base import HISTORY_MAX_LIMIT, MessageStore, StoreError
+from roomcast.config import ChatConfig
+from roomcast.http import HttpServer, Request, Response, Router
+from roomcast.wire.events import MessageEvent
+
+__all__ = [
+    "Authorizer",
+    "allow_all",
+    "HistoryApi",
+    "PAGE_PATH",
+    "WS_URL_PLACEHOLDER",
+    "DEFAULT_LIMIT",
+    "json_error",
+    "load_page",
+    "build_http_server",
+]
+
+log = logging.getLogger("roomcast.chat.http")
+
+PAGE_PATH = Path(roomcast.__file__).parent / "static" / "index.html"
+WS_URL_PLACEHOLDER = "__ROOMCAST_WS_URL__"
+DEFAULT_LIMIT = 100  # PROTOCOL.md 5
+_MAX_SEQ_DIGITS = 18  # keeps `after` inside a signed 64-bit column
+_DIGITS = re.compile(r"[0-9]+")
+
+# Checks a request for `room`: None to allow, or the reason to refuse (401).
+# Production will check the same JWT as the WebSocket (PROTOCOL.md 5); dev
+# mode allows everything.
+Authorizer = Callable[[Request, str], str | None]
+
+
+def allow_all(request: Request, room: str) -> str | None:
+    """The dev-mode authorizer: every request may read every room."""
+    return None
+
+
+class _HistoryBody(msgspec.Struct):
+    # Field order is the order on the wire (PROTOCOL.md 5).
+    room: str
+    latest_seq: int
+    messages: list[MessageEvent]
+
+
+class _ErrorBody(msgspec.Struct):
+    error: str
+    message: str
+
+
+_encoder = msgspec.json.Encoder()
+_JSON = "application/json"
+_ERROR_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    431: "too_large",
+    500: "internal",
+    501: "not_implemented",
+    503: "unavailable",
+    505: "bad_request",
+}
+
+
+def json_error(status: int, message: str) -> Response:
+    """`{"error": <code>, "message": ...}` with the status; also renders the server's own errors."""
+    code = _ERROR_CODES.get(status, "error")
+    return status, {"content-type": _JSON}, _encoder.encode(_ErrorBody(code, message))
+
+
+def load_page(ws_url: str, path: Path = PAGE_PATH) -> bytes | None:
+    """The demo page with its WebSocket URL filled in, or None when ws_url is empty or the file is missing.
+
+    Read once at start-up; the placeholder is replaced literally.
+    """
+    if not ws_url:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        log.warning("page_ws_url is set but %s does not exist; GET / will answer 404", path)
+        return None
+    return text.replace(WS_URL_PLACEHOLDER, ws_url).encode("utf-8")
+
+
+class HistoryApi:
+    """The request handlers over one store. `router()` wires them."""
+
+    def __init__(self, store: MessageStore, *, authorize: Authorizer = allow_all, page: bytes | None = None) -> None:
+        self.store = store
+        self.authorize = authorize
+        self.page = page
+
+    def router(self) -> Router:
+        router = Router()
+        router.add("/rooms/{room}/messages", self.messages)
+        router.add("/healthz", self.healthz)
+        if self.page is not None:
+            router.add("/", self.index)
+        return router
+
+    async def messages(self, request: Request) -> Response:
+        """PROTOCOL.md 5."""
+        room = request.params["room"]
+        if not is_room_id(room):
+            return json_error(400, "room must be 1 to 128 characters of A-Z a-z 0-9 _ . : -")
+        after = _int_param(request.query.get("after"), 0)
+        if after is None:
+            return json_error(400, "after must be a whole number, 0 or more")
+        limit = _int_param(request.query.get("limit"), DEFAULT_LIMIT)
+        if limit is None or not 1 <= limit <= HISTORY_MAX_LIMIT:
+            return json_error(400, f"limit must be a whole number from 1 to {HISTORY_MAX_LIMIT}")
+        refusal = self.authorize(request, room)
+        if refusal is not None:
+            return json_error(401, refusal)
+        try:
+            page = await self.store.history(room, after, limit)
+        except StoreError:
+            log.exception("history of room %s failed", room)
+            return json_error(503, "history is unavailable now; retry")
+        body = _encoder.encode(_HistoryBody(page.room, page.latest_seq, page.messages))
+        return (
+            200,
+            {"content-type": _JSON, "cache-control": "no-store", "x-roomcast-oldest-seq": str(page.oldest_seq)},
+            body,
+        )
+
+    def healthz(self, request: Request) -> Response:
+        return 200, {"content-type": "text/plain; charset=utf-8"}, b"ok\n"
+
+    def index(self, request: Request) -> Response:
+        assert self.page is not None
+        return 200, {"content-type": "text/html; charset=utf-8", "cache-control": "no-cache"}, self.page
+
+
+def _int_param(text: str | None, default: int) -> int | None:
+    """The value of a non-negative decimal parameter; default when absent; None when malformed."""
+    if text is None:
+        return default
+    if not _DIGITS.fullmatch(text) or len(text) > _MAX_SEQ_DIGITS:
+        return None
+    return int(text)
+
+
+def build_http_server(store: MessageStore, config: ChatConfig, *, authorize: Authorizer = allow_all) -> HttpServer:
+    """The history API server for `config` (not started: `await server.start()`)."""
+    api = HistoryApi(store, authorize=authorize, page=load_page(config.page_ws_url))
+    return HttpServer(
+        api.router(),
+        config.http_host,
+        config.http_port,
+        cors_origin="*",
+        render_error=json_error,
+        name="chat http",
+    )

@@ -1,0 +1,442 @@
+"""The ingest pipeline: Kafka `message.ingest` -> store -> Kafka `message.created`.
+
+One batch at a time, in one task, so a partition's records keep their order
+from fetch to produce (PITFALLS 4):
+
+1. `getmany` up to `batch_max` records (group `chat-service`, no auto-commit).
+2. Decode and validate each; a malformed one is logged, counted and skipped.
+3. `store.store_batch` the rest in one transaction: per-room seq, dedupe.
+4. Produce every resulting event (new or re-emitted duplicate) to
+   `message.created`, key = room, in record order, and wait for all acks.
+5. Only then commit the batch's offsets (PROTOCOL.md 4, PITFALLS 3).
+
+A crash between 3 and 5 is healed by re-consumption: the store's dedupe
+returns the already-stored events, which are produced again (gateways drop a
+seq they already delivered). A store or produce failure retries the whole
+batch with backoff, never committing past it. When the group takes partitions
+away mid-batch, the revocation waits a little for the batch to finish and
+commit; otherwise the batch is abandoned uncommitted and its records go to
+the new owner.
+
+Embedded-broker notes (docs PLATFORM-NOTES): never the idempotent producer
+(Tansu has no InitProducerId), a small fetch wait because Tansu does not wake
+waiting fetches, and Tansu's first group generation is 0, for which aiokafka
+skips LeaveGroup on stop; `_leave_generation_zero` sends it so a restart
+rejoins in ~3 s instead of waiting out the session timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.protocol.group import LeaveGroupRequest
+from aiokafka.structs import ConsumerRecord
+
+from chat.core.validation import validate_ingest
+from chat.storage.base import MessageStore, StoredMessage, StoreError
+from roomcast.config import ChatConfig
+from roomcast.wire.events import CHAT_GROUP, CREATED_TOPIC, INGEST_TOPIC, IngestRecord, decode_ingest, encode_event
+
+__all__ = ["IngestPipeline", "PipelineStatistics", "KafkaTuning", "wall_clock_ms"]
+
+log = logging.getLogger("roomcast.chat.kafka")
+
+# Failures worth retrying: the database or Kafka is away for a while.
+_TRANSIENT = (StoreError, KafkaError, OSError, TimeoutError)
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class KafkaTuning:
+    """Timings of the pipeline's Kafka clients and retries (not user settings yet).
+
+    The group timeouts are short so a dead chat instance's partitions move on
+    within seconds; Python never pauses 6 s between heartbeats (they run in
+    their own task).
+    """
+
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1000
+    rebalance_timeout_ms: int = 10_000
+    poll_timeout_ms: int = 100  # getmany wait when idle; bounds how fast a stop is seen
+    request_timeout_ms: int = 10_000
+    revoke_grace_s: float = 3.0  # how long a revocation waits for the in-flight batch
+    shutdown_grace_s: float = 5.0  # how long a stop lets a failing batch keep retrying
+    retry_initial_s: float = 0.05
+    retry_max_s: float = 2.0
+    connect_retry_max_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class PipelineStatistics:
+    """A snapshot of the pipeline's counters (feeds logs, /metrics later, and tests)."""
+
+    batches: int
+    records: int
+    stored: int
+    duplicates: int
+    malformed: int
+    produced: int
+    commits: int
+    commit_failures: int
+    retries: int
+    abandoned_batches: int
+    last_batch_ms: float
+
+
+class IngestPipeline:
+    """Consumes message.ingest, stores, produces message.created, commits.
+
+    Call `await connect(stop)` once (retries until Kafka answers or `stop` is
+    set), then `await run(stop)` until `stop` is set, then `await aclose()`.
+    """
+
+    def __init__(
+        self,
+        config: ChatConfig,
+        store: MessageStore,
+        *,
+        tuning: KafkaTuning = KafkaTuning(),
+        clock_ms: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.tuning = tuning
+        self._clock_ms = clock_ms
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        # Bumped at every revocation: a batch from an older epoch must not
+        # produce or commit any more (its partitions may be someone else's).
+        self._epoch = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+        self._batches = self._records = self._stored = self._duplicates = self._malformed = 0
+        self._produced = self._commits = self._commit_failures = self._retries = self._abandoned = 0
+        self._last_batch_ms = 0.0
+
+    def statistics(self) -> PipelineStatistics:
+        return PipelineStatistics(
+            self._batches,
+            self._records,
+            self._stored,
+            self._duplicates,
+            self._malformed,
+            self._produced,
+            self._commits,
+            self._commit_failures,
+            self._retries,
+            self._abandoned,
+            self._last_batch_ms,
+        )
+
+    # ---- lifecycle ------------------------------------------------------------
+
+    async def connect(self, stop: asyncio.Event) -> bool:
+        """Start the producer and the consumer (which joins the group).
+
+        Retries with backoff while Kafka is unreachable, logging each failure.
+        Returns False if `stop` was set before both started.
+        """
+        t = self.tuning
+        delay = t.retry_initial_s
+        attempt = 0
+        while not stop.is_set():
+            attempt += 1
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.config.kafka_bootstrap,
+                client_id="roomcast-chat",
+                acks="all",
+                enable_idempotence=False,  # the embedded broker cannot; dedupe is client_msg_id
+                linger_ms=self.config.produce_linger_ms,
+                request_timeout_ms=t.request_timeout_ms,
+            )
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.config.kafka_bootstrap,
+                client_id="roomcast-chat",
+                group_id=CHAT_GROUP,
+                enable_auto_commit=False,  # commit only after store and produce
+                auto_offset_reset="earliest",  # never "latest": broken on Tansu, and loses posts
+                fetch_max_wait_ms=self.config.fetch_max_wait_ms,
+                max_poll_records=self.config.batch_max,
+                session_timeout_ms=t.session_timeout_ms,
+                heartbeat_interval_ms=t.heartbeat_interval_ms,
+                rebalance_timeout_ms=t.rebalance_timeout_ms,
+                request_timeout_ms=t.request_timeout_ms + t.session_timeout_ms,
+            )
+            consumer.subscribe([INGEST_TOPIC], listener=_Listener(self))
+            started = time.monotonic()
+            try:
+                await _until_stopped(producer.start(), stop)
+                await _until_stopped(consumer.start(), stop)
+            except (KafkaError, OSError, TimeoutError, _Stopped) as exc:
+                await _stop_quietly(consumer, producer)
+                if isinstance(exc, _Stopped):
+                    return False
+                log.warning(
+                    "kafka at %s is not reachable (attempt %d: %s); retrying in %.1f s",
+                    self.config.kafka_bootstrap,
+                    attempt,
+                    exc or type(exc).__name__,
+                    delay,
+                )
+                await _sleep_unless(stop, delay)
+                delay = min(delay * 2, t.connect_retry_max_s)
+                continue
+            except BaseException:
+                await _stop_quietly(consumer, producer)
+                raise
+            self._producer, self._consumer = producer, consumer
+            log.info(
+                "consuming %s as group %s from %s (joined in %.1f s)",
+                INGEST_TOPIC,
+                CHAT_GROUP,
+                self.config.kafka_bootstrap,
+                time.monotonic() - started,
+            )
+            return True
+        return False
+
+    async def aclose(self) -> None:
+        """Leave the group, flush and close the producer. Idempotent.
+
+        Call after run() returned: the in-flight batch is then finished or
+        abandoned, and what was done is committed.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        consumer, producer = self._consumer, self._producer
+        self._consumer = self._producer = None
+        if consumer is not None:
+            await _leave_generation_zero(consumer)
+        await _stop_quietly(consumer, producer)
+
+    # ---- the loop -------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Process batches until `stop` is set. Call after connect() returned True.
+
+        Returns once the in-flight batch is committed or abandoned. Raises only
+        for a bug (an unexpected exception type); transient Kafka and store
+        failures are retried here.
+        """
+        consumer = self._consumer
+        if consumer is None:
+            raise RuntimeError("connect() first")
+        delay = self.tuning.retry_initial_s
+        while not stop.is_set():
+            try:
+                batch = await consumer.getmany(
+                    timeout_ms=self.tuning.poll_timeout_ms, max_records=self.config.batch_max
+                )
+            except KafkaError as exc:
+                log.warning("fetch from %s failed (%s); retrying in %.1f s", INGEST_TOPIC, exc, delay)
+                await _sleep_unless(stop, delay)
+                delay = min(delay * 2, self.tuning.retry_max_s)
+                continue
+            delay = self.tuning.retry_initial_s
+            if batch:
+                await self._handle(batch, stop)
+
+    async def _handle(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]], stop: asyncio.Event) -> None:
+        epoch = self._epoch
+        started = time.perf_counter()
+        self._idle.clear()
+        try:
+            records: list[IngestRecord] = []
+            offsets: dict[TopicPartition, int] = {}
+            for tp, messages in batch.items():
+                for message in messages:
+                    record = self._decode(tp, message)
+                    if record is not None:
+                        records.append(record)
+                offsets[tp] = messages[-1].offset + 1
+            self._batches += 1
+            self._records += sum(len(m) for m in batch.values())
+            if not await self._store_and_produce(records, epoch, stop):
+                self._abandoned += 1
+                return
+            await self._commit(offsets)
+            self._last_batch_ms = (time.perf_counter() - started) * 1000
+        finally:
+            self._idle.set()
+
+    def _decode(self, tp: TopicPartition, message: ConsumerRecord[bytes, bytes]) -> IngestRecord | None:
+        value, offset = message.value, message.offset
+        try:
+            if value is None:
+                raise ValueError("record has no value")
+            record = decode_ingest(value)
+        except (msgspec.DecodeError, ValueError) as exc:
+            self._malformed += 1
+            log.warning("skipping malformed ingest record %s[%d]@%d: %s", tp.topic, tp.partition, offset, exc)
+            return None
+        reason = validate_ingest(record, self.config.max_body_bytes)
+        if reason is not None:
+            self._malformed += 1
+            log.warning(
+                "skipping invalid ingest record %s[%d]@%d (room %.128r, client_msg_id %.64r): %s",
+                tp.topic, tp.partition, offset, record.room, record.client_msg_id, reason,
+            )
+            return None
+        return record
+
+    async def _store_and_produce(self, records: list[IngestRecord], epoch: int, stop: asyncio.Event) -> bool:
+        """True once every record is stored and its event acked; False if the batch was abandoned."""
+        t = self.tuning
+        delay = t.retry_initial_s
+        give_up_at: float | None = None
+        while True:
+            if epoch != self._epoch:
+                log.warning("partitions were revoked mid-batch: abandoning it uncommitted (%d records)", len(records))
+                return False
+            try:
+                stored = await self.store.store_batch(records, self._clock_ms()) if records else []
+                if epoch != self._epoch:
+                    continue  # revoked while storing: the new owner produces these
+                await self._produce(stored)
+                self._stored += sum(1 for s in stored if s.created)
+                self._duplicates += sum(1 for s in stored if not s.created)
+                return True
+            except _TRANSIENT as exc:
+                self._retries += 1
+                now = time.monotonic()
+                if stop.is_set():
+                    give_up_at = give_up_at or now + t.shutdown_grace_s
+                    if now >= give_up_at:
+                        log.warning("stopping: abandoning a failing batch uncommitted (%d records)", len(records))
+                        return False
+                log.warning(
+                    "batch of %d records failed (%s: %s); retrying in %.2f s, nothing committed",
+                    len(records), type(exc).__name__, exc, delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, t.retry_max_s)
+
+    async def _produce(self, stored: list[StoredMessage]) -> None:
+        """Send every event in order and wait for all acks. Raises the first failure."""
+        producer = self._producer
+        assert producer is not None
+        futures = [
+            await producer.send(CREATED_TOPIC, value=encode_event(s.event), key=s.event.room.encode())
+            for s in stored
+        ]
+        # return_exceptions: every future is awaited, so none leaves an unretrieved error behind.
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        self._produced += len(futures)
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        try:
+            await consumer.commit(offsets)
+            self._commits += 1
+        except (CommitFailedError, IllegalStateError, KafkaError) as exc:
+            # The group moved on (rebalance): the new owner re-consumes from the
+            # last commit, and dedupe makes that harmless.
+            self._commit_failures += 1
+            log.warning("commit of %s failed (%s); those records will be re-consumed", _describe(offsets), exc)
+
+    # ---- rebalance --------------------------------------------------------------
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        if not self._idle.is_set():
+            log.info("partitions revoked mid-batch; waiting up to %.1f s for it to finish", self.tuning.revoke_grace_s)
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.tuning.revoke_grace_s)
+            except TimeoutError:
+                pass  # the batch sees the new epoch and abandons itself
+        self._epoch += 1
+        if revoked:
+            log.info("partitions revoked: %s", _describe_tps(revoked))
+
+    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("partitions assigned: %s", _describe_tps(assigned) or "none")
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, pipeline: IngestPipeline) -> None:
+        self._pipeline = pipeline
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._pipeline._on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._pipeline._on_assigned(set(assigned))
+
+
+class _Stopped(Exception):
+    pass
+
+
+async def _until_stopped(coro: object, stop: asyncio.Event) -> None:
+    """Await `coro`; raise _Stopped (after cancelling it) if `stop` is set first."""
+    task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if task.done():
+        task.result()
+        return
+    task.cancel()
+    try:
+        await task
+    except BaseException:
+        pass
+    raise _Stopped()
+
+
+async def _sleep_unless(stop: asyncio.Event, delay_s: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), delay_s)
+    except TimeoutError:
+        pass
+
+
+async def _stop_quietly(consumer: AIOKafkaConsumer | None, producer: AIOKafkaProducer | None) -> None:
+    for client in (consumer, producer):
+        if client is None:
+            continue
+        try:
+            await client.stop()
+        except Exception as exc:  # closing: nothing left to save
+            log.warning("closing %s failed: %s", type(client).__name__, exc)
+
+
+async def _leave_generation_zero(consumer: AIOKafkaConsumer) -> None:
+    """Send LeaveGroup when the generation is 0, which aiokafka skips (Tansu starts at 0).
+
+    Without it the next member waits out this one's session timeout (~11 s
+    measured with a 6 s session). Real Kafka starts at generation 1: no-op.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or getattr(coordinator, "generation", None) != 0 or not coordinator.member_id:
+        return
+    try:
+        await asyncio.wait_for(coordinator._send_req(LeaveGroupRequest(coordinator.group_id, coordinator.member_id)), 2.0)
+    except Exception as exc:
+        log.debug("LeaveGroup for generation 0 failed: %s", exc)
+
+
+def _describe_tps(tps: set[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps))
+
+
+def _describe(offsets: dict[TopicPartition, int]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]@{off}" for tp, off in sorted(offsets.items()))

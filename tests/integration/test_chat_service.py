@@ -1,0 +1,647 @@
+"""The chat service end to end: a real Tansu broker, real SQLite, real sockets.
+
+Posts go into Kafka `message.ingest` as a gateway writes them; the tests read
+`message.created` from the beginning of every partition (no group, so no
+join wait) and the store file directly (a second SqliteStore on it), and
+check PROTOCOL.md 3-5: each post stored once, seq gap-free per room, events
+in seq order per room, dedupe by client_msg_id, offsets committed only after
+store and produce.
+
+Each test pays one consumer-group join on Tansu (~3 s); restarts pay another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from chat.adapters.http import HistoryApi, json_error, load_page
+from chat.adapters.kafka import KafkaTuning
+from chat.app import ChatService, run_chat
+from chat.storage import MessageStore, StoredMessage, StoreError, open_store
+from chat.storage.sqlite import SqliteStore
+from roomcast.config import ChatConfig
+from roomcast.embedded import free_port, start_tansu
+from roomcast.http import HttpServer
+from roomcast.kafka import ensure_topics
+from roomcast.wire.events import CHAT_GROUP, CREATED_TOPIC, INGEST_TOPIC, IngestRecord, MessageEvent, decode_event, encode_ingest
+
+TIMEOUT_FACTOR = float(os.environ.get("ROOMCAST_TEST_TIMEOUT_FACTOR", "1"))
+PARTITIONS = 2
+READY_TIMEOUT_S = 20 * TIMEOUT_FACTOR
+FLOW_TIMEOUT_S = 15 * TIMEOUT_FACTOR
+
+
+# ---- helpers -------------------------------------------------------------------
+
+
+def chat_config(bootstrap: str, tmp_path: Path, **over: object) -> ChatConfig:
+    values: dict[str, object] = dict(
+        kafka_bootstrap=bootstrap,
+        database_url=f"sqlite:///{tmp_path / 'chat.db'}",
+        http_host="127.0.0.1",
+        http_port=0,
+        fetch_max_wait_ms=10,
+        batch_max=50,
+    )
+    values.update(over)
+    return ChatConfig(**values)  # type: ignore[arg-type]
+
+
+def record(room: str, cmid: str, user: str = "alice", body: str | None = None) -> IngestRecord:
+    return IngestRecord(room, user, body if body is not None else f"{user} says {cmid}", cmid, "gw-test", int(time.time() * 1000))
+
+
+class Running:
+    """A chat service running in this loop, as a task."""
+
+    def __init__(self, service: ChatService) -> None:
+        self.service = service
+        self.stop_event = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.port = 0
+
+    async def start(self) -> Running:
+        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.task = asyncio.create_task(self.service.run(on_ready=ready.set_result, stop=self.stop_event))
+        done, _ = await asyncio.wait({ready, self.task}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        if self.task in done:
+            self.task.result()
+        assert ready in done, "chat service not ready in time"
+        self.port = ready.result()
+        return self
+
+    async def stop(self) -> None:
+        """Graceful: the SIGTERM path."""
+        self.stop_event.set()
+        if self.task is not None:
+            await asyncio.wait_for(self.task, 20 * TIMEOUT_FACTOR)
+
+    async def crash(self) -> None:
+        """Cancel the service task: the batch in flight is neither finished nor committed."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
+class CreatedReader:
+    """Reads message.created from the start of every partition (no group)."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=10
+        )
+        self.events: list[tuple[int, MessageEvent]] = []  # (partition, event) in arrival order
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        self.consumer.assign([TopicPartition(CREATED_TOPIC, p) for p in range(PARTITIONS)])
+
+    async def wait_for(self, count: int, timeout_s: float = FLOW_TIMEOUT_S) -> list[tuple[int, MessageEvent]]:
+        deadline = time.monotonic() + timeout_s
+        while len(self.events) < count and time.monotonic() < deadline:
+            for tp, messages in (await self.consumer.getmany(timeout_ms=50)).items():
+                for m in messages:
+                    assert m.key is not None and m.value is not None
+                    event = decode_event(m.value)
+                    assert m.key == event.room.encode(), "message.created key must be the room id"
+                    self.events.append((tp.partition, event))
+        assert len(self.events) >= count, f"only {len(self.events)} of {count} events on {CREATED_TOPIC}"
+        return self.events
+
+    async def quiet(self, seconds: float = 0.5) -> None:
+        """Read whatever else arrives for a while (to catch extra events)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for tp, messages in (await self.consumer.getmany(timeout_ms=50)).items():
+                self.events.extend((tp.partition, decode_event(m.value)) for m in messages if m.value is not None)
+
+    async def aclose(self) -> None:
+        await self.consumer.stop()
+
+
+async def stored_messages(db_url: str, rooms: Sequence[str]) -> dict[str, list[MessageEvent]]:
+    """Every message of `rooms` in the store file, read with a second store on it."""
+    store = open_store(db_url)
+    await store.start()
+    try:
+        out: dict[str, list[MessageEvent]] = {}
+        for room in rooms:
+            messages: list[MessageEvent] = []
+            while True:
+                page = await store.history(room, messages[-1].seq if messages else 0, 500)
+                if not page.messages:
+                    break
+                messages.extend(page.messages)
+            assert len(messages) == page.latest_seq
+            out[room] = messages
+        return out
+    finally:
+        await store.aclose()
+
+
+def assert_stored_once_gap_free(stored: dict[str, list[MessageEvent]], posted: dict[str, set[str]]) -> None:
+    for room, cmids in posted.items():
+        messages = stored[room]
+        assert [m.seq for m in messages] == list(range(1, len(messages) + 1)), f"seq gap or reuse in {room}"
+        assert sorted(m.client_msg_id for m in messages) == sorted(cmids), f"{room}: lost or doubled posts"
+
+
+def assert_delivered_in_seq_order(events: list[tuple[int, MessageEvent]], stored: dict[str, list[MessageEvent]]) -> None:
+    """What a gateway delivers (dropping seq <= last seen per room) is every stored event, in seq order."""
+    delivered: dict[str, list[MessageEvent]] = defaultdict(list)
+    partition_of: dict[str, int] = {}
+    for partition, event in events:
+        assert partition_of.setdefault(event.room, partition) == partition, f"{event.room} on two partitions"
+        last = delivered[event.room][-1].seq if delivered[event.room] else 0
+        if event.seq > last:
+            assert event.seq == last + 1, f"{event.room}: seq {event.seq} after {last}"
+            delivered[event.room].append(event)
+    for room, messages in stored.items():
+        assert delivered[room] == messages, f"{room}: published events differ from the stored ones"
+
+
+async def committed_offsets(bootstrap: str) -> dict[int, int | None]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=CHAT_GROUP, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return {p: await consumer.committed(TopicPartition(INGEST_TOPIC, p)) for p in range(PARTITIONS)}
+    finally:
+        await consumer.stop()
+
+
+async def http_get(port: int, target: str) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+class FlakyStore:
+    """A real store whose store_batch can be made to fail or to hang after storing.
+
+    Fault injection around the real SQLite store, not a stand-in for it.
+    """
+
+    def __init__(self, inner: MessageStore) -> None:
+        self.inner = inner
+        self.fail_next = 0  # this many store_batch calls raise StoreError without storing
+        self.hang_after_store = False  # store, then never return (a crash before produce)
+        self.stored_then_hung = asyncio.Event()
+        self.calls = 0
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def store_batch(self, records: Sequence[IngestRecord], now_ms: int) -> list[StoredMessage]:
+        self.calls += 1
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            raise StoreError("injected: database unavailable")
+        out = await self.inner.store_batch(records, now_ms)
+        if self.hang_after_store:
+            self.stored_then_hung.set()
+            await asyncio.Event().wait()
+        return out
+
+    async def history(self, room: str, after_seq: int = 0, limit: int = 100):  # type: ignore[no-untyped-def]
+        return await self.inner.history(room, after_seq, limit)
+
+    async def latest_seq(self, room: str) -> int:
+        return await self.inner.latest_seq(room)
+
+    async def prune(self, room: str, *, keep_from_seq: int) -> int:
+        return await self.inner.prune(room, keep_from_seq=keep_from_seq)
+
+
+# ---- fixtures ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def bootstrap(kafka_bootstrap: str) -> str:
+    await ensure_topics(kafka_bootstrap, PARTITIONS)
+    return kafka_bootstrap
+
+
+@pytest.fixture
+async def producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.stop()
+
+
+@pytest.fixture
+async def created(bootstrap: str) -> AsyncIterator[CreatedReader]:
+    reader = CreatedReader(bootstrap)
+    await reader.start()
+    try:
+        yield reader
+    finally:
+        await reader.aclose()
+
+
+@pytest.fixture
+async def services() -> AsyncIterator[list[Running]]:
+    """Every service a test starts is stopped at the end, even when the test fails."""
+    running: list[Running] = []
+    try:
+        yield running
+    finally:
+        for r in running:
+            await r.crash()
+
+
+async def start_service(services: list[Running], config: ChatConfig, store: MessageStore | None = None) -> Running:
+    r = Running(ChatService(config, store or open_store(config.database_url)))
+    services.append(r)
+    return await r.start()
+
+
+async def post(producer: AIOKafkaProducer, rec: IngestRecord) -> None:
+    await producer.send_and_wait(INGEST_TOPIC, encode_ingest(rec), key=rec.room.encode())
+
+
+# ---- the flow ---------------------------------------------------------------------------
+
+
+async def test_posts_are_stored_once_gap_free_and_published_in_seq_order(
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader
+) -> None:
+    config = chat_config(bootstrap, tmp_path)
+    stop = asyncio.Event()
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    started = time.monotonic()
+    task = asyncio.create_task(run_chat(config, on_ready=ready.set_result, stop=stop))
+    try:
+        await asyncio.wait_for(asyncio.shield(ready), READY_TIMEOUT_S)
+        logging.getLogger("test").info("run_chat ready in %.2f s", time.monotonic() - started)
+        rooms = ["r0", "r1", "room.2"]
+        posted: dict[str, set[str]] = {room: set() for room in rooms}
+        for i in range(60):
+            room = rooms[i % 3]
+            await post(producer, record(room, f"c-{i}"))
+            posted[room].add(f"c-{i}")
+        events = await created.wait_for(60)
+        stored = await stored_messages(config.database_url, rooms)
+        assert_stored_once_gap_free(stored, posted)
+        assert_delivered_in_seq_order(events, stored)
+        assert all(len(stored[r]) == 20 for r in rooms)
+        # Published events are exactly the stored ones, byte for byte in meaning.
+        assert sorted((e.room, e.seq) for _, e in events) == sorted((m.room, m.seq) for ms in stored.values() for m in ms)
+
+        # A repeat of (room, user, client_msg_id): the same event again, nothing stored.
+        original = next(m for m in stored["r1"] if m.client_msg_id == "c-4")
+        await post(producer, record("r1", "c-4", body="retried, other text"))
+        # The same client_msg_id from another user is a new message.
+        await post(producer, record("r1", "c-4", user="bob"))
+        events = await created.wait_for(62)
+        assert events[60][1] == original
+        assert events[61][1].user == "bob" and events[61][1].seq == 21
+        await created.quiet(0.3)
+        assert len(created.events) == 62
+        stored = await stored_messages(config.database_url, ["r1"])
+        assert len(stored["r1"]) == 21
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+async def test_ingest_to_created_latency_is_small(
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[Running]
+) -> None:
+    await start_service(services, chat_config(bootstrap, tmp_path))
+    latencies = []
+    for i in range(30):
+        sent = time.perf_counter()
+        await post(producer, record(f"r{i % 4}", f"c-{i}"))
+        await created.wait_for(i + 1)
+        latencies.append((time.perf_counter() - sent) * 1000)
+    latencies.sort()
+    logging.getLogger("test").info("ingest->created ms p50 %.1f max %.1f", latencies[15], latencies[-1])
+    # Two Kafka hops with a 10 ms fetch wait each on Tansu: tens of ms, not the 500 ms default.
+    assert latencies[15] < 150 * TIMEOUT_FACTOR, latencies
+
+
+async def test_malformed_records_are_skipped_and_later_ones_still_flow(
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[Running]
+) -> None:
+    config = chat_config(bootstrap, tmp_path)
+    running = await start_service(services, config)
+    bad_values: list[bytes | None] = [
+        b"not json",
+        b"[1,2]",
+        b'{"room":"r1","user":"u"}',
+        json.dumps({"room": "bad room!", "user": "u", "body": "x", "client_msg_id": "c", "gateway": "g", "received_at": 1}).encode(),
+        encode_ingest(record("r1", "too-big", body="x" * 4097)),
+        encode_ingest(record("r1", "", body="empty id")),
+        encode_ingest(record("r1", "empty-body", body="")),
+        None,  # a tombstone
+    ]
+    await post(producer, record("r1", "before"))
+    for value in bad_values:
+        await producer.send_and_wait(INGEST_TOPIC, value, key=b"r1")
+    await post(producer, record("r1", "after-1"))
+    await post(producer, record("r1", "after-2"))
+    events = await created.wait_for(3)
+    assert [(e.client_msg_id, e.seq) for _, e in events] == [("before", 1), ("after-1", 2), ("after-2", 3)]
+    stats = running.service.statistics()
+    assert stats.malformed == len(bad_values)
+    assert stats.stored == 3
+    stored = await stored_messages(config.database_url, ["r1"])
+    assert [m.client_msg_id for m in stored["r1"]] == ["before", "after-1", "after-2"]
+    # The skipped records are committed past, not re-read forever.
+    await running.stop()
+    committed = await committed_offsets(bootstrap)
+    assert sum(o or 0 for o in committed.values()) == len(bad_values) + 3
+
+
+# ---- commit after store and produce -------------------------------------------------------
+
+
+async def test_nothing_is_committed_before_produce_and_a_crash_there_is_healed(
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[Running]
+) -> None:
+    config = chat_config(bootstrap, tmp_path)
+    flaky = FlakyStore(open_store(config.database_url))
+    flaky.hang_after_store = True
+    first = await start_service(services, config, flaky)
+    for i in range(5):
+        await post(producer, record("r1", f"c-{i}"))
+    await asyncio.wait_for(flaky.stored_then_hung.wait(), FLOW_TIMEOUT_S)
+    # Stored, not yet produced: no event out, no offset committed.
+    before = await stored_messages(config.database_url, ["r1"])
+    assert len(before["r1"]) >= 1
+    await created.quiet(0.3)
+    assert created.events == []
+    assert await committed_offsets(bootstrap) == {p: None for p in range(PARTITIONS)}
+    await first.crash()  # dies between store and produce
+
+    # A new instance re-consumes the same records: the store returns the events
+    # stored before the crash (same ids, seqs, ts) and they are published.
+    await start_service(services, config)
+    events = await created.wait_for(5)
+    stored = await stored_messages(config.database_url, ["r1"])
+    assert_stored_once_gap_free(stored, {"r1": {f"c-{i}" for i in range(5)}})
+    assert stored["r1"][: len(before["r1"])] == before["r1"]
+    assert_delivered_in_seq_order(events, stored)
+    await created.quiet(0.3)
+    assert len(created.events) == 5
+
+
+async def test_a_failing_store_is_retried_without_committing_and_nothing_is_lost(
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[Running]
+) -> None:
+    config = chat_config(bootstrap, tmp_path)
+    flaky = FlakyStore(open_store(config.database_url))
+    running = await start_service(services, config, flaky)
+    flaky.fail_next = 4  # about 0.05+0.1+0.2+0.4 s of backoff
+    for i in range(10):
+        await post(producer, record(f"r{i % 2}", f"c-{i}"))
+    await asyncio.sleep(0.2)
+    assert await committed_offsets(bootstrap) == {p: None for p in range(PARTITIONS)}
+    events = await created.wait_for(10)
+    stats = running.service.statistics()
+    assert stats.retries >= 4 and stats.stored == 10
+    stored = await stored_messages(config.database_url, ["r0", "r1"])
+    assert_stored_once_gap_free(stored, {"r0": {f"c-{i}" for i in range(0, 10, 2)}, "r1": {f"c-{i}" for i in range(1, 10, 2)}})
+    assert_delivered_in_seq_order(events, stored)
+    await running.stop()
+    assert sum(o or 0 for o in (await committed_offsets(bootstrap)).values()) == 10
+
+
+async def test_restarts_mid_stream_lose_nothing_and_store_nothing_twice(
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[Running]
+) -> None:
+    config = chat_config(bootstrap, tmp_path, batch_max=7)
+    rooms = [f"room-{k}" for k in range(5)]
+    posted: dict[str, set[str]] = {room: set() for room in rooms}
+    total = 300
+
+    async def post_all() -> None:
+        for i in range(total):
+            room = rooms[i % len(rooms)]
+            await post(producer, record(room, f"m-{i}"))
+            posted[room].add(f"m-{i}")
+            if i % 10 == 0:
+                await asyncio.sleep(0.005)
+
+    first = await start_service(services, config)
+    posting = asyncio.create_task(post_all())
+    await created.wait_for(60)
+    await first.crash()  # mid-stream, mid-batch: cancelled, in-flight batch uncommitted
+    await start_service(services, config)
+    await asyncio.wait_for(posting, FLOW_TIMEOUT_S)
+    events = await created.wait_for(total)
+    await created.quiet(0.3)
+    stored = await stored_messages(config.database_url, rooms)
+    assert_stored_once_gap_free(stored, posted)
+    assert_delivered_in_seq_order(events, stored)
+
+
+async def test_stop_is_bounded_when_the_store_keeps_failing(
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, services: list[Running]
+) -> None:
+    config = chat_config(bootstrap, tmp_path)
+    flaky = FlakyStore(open_store(config.database_url))
+    service = ChatService(config, flaky, tuning=KafkaTuning(shutdown_grace_s=0.5))
+    running = Running(service)
+    services.append(running)
+    await running.start()
+    flaky.fail_next = 10**9
+    await post(producer, record("r1", "c-1"))
+    while flaky.calls < 2:
+        await asyncio.sleep(0.02)
+    started = time.monotonic()
+    await running.stop()
+    assert time.monotonic() - started < 5
+    assert service.statistics().abandoned_batches == 1
+    assert await committed_offsets(bootstrap) == {p: None for p in range(PARTITIONS)}
+
+
+# ---- start-up -----------------------------------------------------------------------------
+
+
+async def test_start_waits_for_kafka_to_become_reachable(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="roomcast.chat.kafka")
+    port = free_port()
+    config = chat_config(f"127.0.0.1:{port}", tmp_path)
+    stop = asyncio.Event()
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run_chat(config, on_ready=ready.set_result, stop=stop))
+    broker = None
+    try:
+        await asyncio.sleep(1.0)
+        assert not ready.done() and not task.done()
+        assert "is not reachable" in caplog.text
+        broker = start_tansu(port=port)
+        await ensure_topics(broker.address, PARTITIONS)
+        http_port = await asyncio.wait_for(asyncio.shield(ready), READY_TIMEOUT_S)
+        status, _, _ = await http_get(http_port, "/healthz")
+        assert status == 200
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        if broker is not None:
+            broker.stop()
+
+
+async def test_stop_while_kafka_is_unreachable_returns_promptly(tmp_path: Path) -> None:
+    config = chat_config(f"127.0.0.1:{free_port()}", tmp_path)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_chat(config, on_ready=lambda port: None, stop=stop))
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert time.monotonic() - started < 3
+
+
+# ---- the history API -------------------------------------------------------------------------
+
+
+async def test_history_api_over_a_real_socket_through_the_running_service(
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[Running]
+) -> None:
+    running = await start_service(services, chat_config(bootstrap, tmp_path))
+    for i in range(7):
+        await post(producer, record("r1", f"c-{i}"))
+    events = [e for _, e in await created.wait_for(7)]
+    status, headers, body = await http_get(running.port, "/rooms/r1/messages?after=2&limit=3")
+    assert status == 200
+    assert headers["content-type"] == "application/json"
+    assert headers["access-control-allow-origin"] == "*"
+    doc = json.loads(body)
+    assert list(doc) == ["room", "latest_seq", "messages"]
+    assert doc["room"] == "r1" and doc["latest_seq"] == 7
+    assert doc["messages"] == [json.loads(json.dumps(_as_dict(e))) for e in events[2:5]]
+    assert list(doc["messages"][0]) == ["id", "room", "seq", "user", "body", "client_msg_id", "ts"]
+    status, _, body = await http_get(running.port, "/rooms/r1/messages")
+    assert [m["seq"] for m in json.loads(body)["messages"]] == list(range(1, 8))
+    assert (await http_get(running.port, "/healthz"))[0] == 200
+
+
+def _as_dict(e: MessageEvent) -> dict[str, object]:
+    return {"id": e.id, "room": e.room, "seq": e.seq, "user": e.user, "body": e.body, "client_msg_id": e.client_msg_id, "ts": e.ts}
+
+
+@pytest.fixture
+async def history_server(tmp_path: Path) -> AsyncIterator[tuple[int, SqliteStore]]:
+    """The history API alone (no Kafka) over a real SQLite store and socket."""
+    store = SqliteStore(tmp_path / "h.db")
+    await store.start()
+    page_file = tmp_path / "index.html"
+    page_file.write_text("<script>const WS = '__ROOMCAST_WS_URL__';</script>")
+    api = HistoryApi(store, page=load_page("ws://example:8080/ws", page_file))
+    server = HttpServer(api.router(), "127.0.0.1", 0, cors_origin="*", render_error=json_error)
+    await server.start()
+    try:
+        yield server.port, store
+    finally:
+        await server.aclose()
+        await store.aclose()
+
+
+async def test_history_of_an_empty_room_is_latest_seq_0(history_server: tuple[int, SqliteStore]) -> None:
+    port, _ = history_server
+    status, _, body = await http_get(port, "/rooms/empty/messages")
+    assert status == 200 and json.loads(body) == {"room": "empty", "latest_seq": 0, "messages": []}
+
+
+async def test_history_paging_and_oldest_seq_header(history_server: tuple[int, SqliteStore]) -> None:
+    port, store = history_server
+    await store.store_batch([record("r:1", f"c-{i}") for i in range(250)], 1_700_000_000_000)
+    _, _, body = await http_get(port, "/rooms/r%3A1/messages?after=0&limit=500")
+    assert [m["seq"] for m in json.loads(body)["messages"]] == list(range(1, 251))
+    _, _, body = await http_get(port, "/rooms/r:1/messages?after=248")
+    assert [m["seq"] for m in json.loads(body)["messages"]] == [249, 250]
+    await store.prune("r:1", keep_from_seq=101)
+    status, headers, body = await http_get(port, "/rooms/r:1/messages?after=50&limit=2")
+    assert headers["x-roomcast-oldest-seq"] == "101"
+    assert [m["seq"] for m in json.loads(body)["messages"]] == [101, 102]  # first seq > after+1: pruned gap
+
+
+@pytest.mark.parametrize(
+    ("target", "word"),
+    [
+        ("/rooms/bad%20room/messages", "room"),
+        ("/rooms/" + "a" * 129 + "/messages", "room"),
+        ("/rooms/r1%0A/messages", "room"),
+        ("/rooms/r1/messages?after=-1", "after"),
+        ("/rooms/r1/messages?after=x", "after"),
+        ("/rooms/r1/messages?after=", "after"),
+        ("/rooms/r1/messages?after=1.5", "after"),
+        ("/rooms/r1/messages?after=99999999999999999999", "after"),
+        ("/rooms/r1/messages?limit=0", "limit"),
+        ("/rooms/r1/messages?limit=501", "limit"),
+        ("/rooms/r1/messages?limit=ten", "limit"),
+    ],
+)
+async def test_bad_room_after_or_limit_is_400_with_a_json_error(
+    history_server: tuple[int, SqliteStore], target: str, word: str
+) -> None:
+    port, _ = history_server
+    status, headers, body = await http_get(port, target)
+    assert status == 400
+    assert headers["content-type"] == "application/json"
+    assert headers["access-control-allow-origin"] == "*"
+    doc = json.loads(body)
+    assert doc["error"] == "bad_request" and word in doc["message"]
+
+
+async def test_unknown_paths_and_methods_get_json_errors(history_server: tuple[int, SqliteStore]) -> None:
+    port, _ = history_server
+    status, _, body = await http_get(port, "/rooms/r1")
+    assert status == 404 and json.loads(body)["error"] == "not_found"
+
+
+async def test_the_page_is_served_with_the_ws_url_filled_in(history_server: tuple[int, SqliteStore]) -> None:
+    port, _ = history_server
+    status, headers, body = await http_get(port, "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert body == b"<script>const WS = 'ws://example:8080/ws';</script>"
+
+
+async def test_no_page_without_page_ws_url(tmp_path: Path) -> None:
+    page_file = tmp_path / "index.html"
+    page_file.write_text("x __ROOMCAST_WS_URL__")
+    assert load_page("", page_file) is None
+    assert load_page("ws://h/ws", tmp_path / "missing.html") is None
+    store = SqliteStore(tmp_path / "n.db")
+    await store.start()
+    async with HttpServer(HistoryApi(store).router(), "127.0.0.1", 0, render_error=json_error) as server:
+        assert (await http_get(server.port, "/"))[0] == 404
+    await store.aclose()
+
+
+async def test_the_auth_seam_can_refuse_with_401(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "a.db")
+    await store.start()
+    api = HistoryApi(store, authorize=lambda request, room: None if room == "open" else "token required")
+    async with HttpServer(api.router(), "127.0.0.1", 0, render_error=json_error) as server:
+        assert (await http_get(server.port, "/rooms/open/messages"))[0] == 200
+        status, _, body = await http_get(server.port, "/rooms/closed/messages")
+        assert status == 401 and json.loads(body) == {"error": "unauthorized", "message": "token required"}
+    await store.aclose()
