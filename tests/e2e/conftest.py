@@ -130,6 +130,11 @@ def dev_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
         while not seen.wait(0.1) and proc.poll() is None and time.monotonic() < deadline:
             pass
         if not ready:
+            if seen.is_set():  # no ready line but the end of its output: it is exiting
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
             why = (
                 f"exited with {proc.poll()}" if proc.poll() is not None
                 else f"printed no `roomcast ready ...` line within {READY_TIMEOUT_S:.0f} s"
