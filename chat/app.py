@@ -17,7 +17,7 @@ from chat.adapters.kafka import IngestPipeline, KafkaTuning, PipelineStatistics
 from chat.storage import MessageStore, open_store
 from roomcast.config import ChatConfig
 
-__all__ = ["ChatService", "run_chat", "main", "SHUTDOWN_TIMEOUT_S"]
+__all__ = ["SHUTDOWN_TIMEOUT_S", "ChatService", "main", "run_chat"]
 
 log = logging.getLogger("roomcast.chat")
 
@@ -60,7 +60,12 @@ class ChatService:
             await self.http.start()  # history is served even while Kafka is still away
             if not await self.pipeline.connect(stop):
                 return  # stopped before Kafka answered
-            log.info("chat service ready: history API on %s:%d", self.config.http_host, self.http.port)
+            log.info(
+                "chat service ready: history API on %s:%d, event loop %s",
+                self.config.http_host,
+                self.http.port,
+                type(asyncio.get_running_loop()).__module__.split(".")[0],
+            )
             if on_ready is not None:
                 on_ready(self.http.port)
             run_task = asyncio.create_task(self.pipeline.run(stop), name="roomcast-chat-ingest")

@@ -30,13 +30,13 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
+    "ErrorRenderer",
+    "Handler",
     "Headers",
+    "HttpServer",
     "Request",
     "Response",
-    "Handler",
-    "ErrorRenderer",
     "Router",
-    "HttpServer",
     "text_error",
 ]
 

@@ -30,15 +30,15 @@ from roomcast.http import HttpServer, Request, Response, Router
 from roomcast.wire.events import MessageEvent
 
 __all__ = [
-    "Authorizer",
-    "allow_all",
-    "HistoryApi",
+    "DEFAULT_LIMIT",
     "PAGE_PATH",
     "WS_URL_PLACEHOLDER",
-    "DEFAULT_LIMIT",
+    "Authorizer",
+    "HistoryApi",
+    "allow_all",
+    "build_http_server",
     "json_error",
     "load_page",
-    "build_http_server",
 ]
 
 log = logging.getLogger("roomcast.chat.http")

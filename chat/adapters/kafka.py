@@ -30,8 +30,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -44,7 +45,7 @@ from chat.storage.base import MessageStore, StoredMessage, StoreError
 from roomcast.config import ChatConfig
 from roomcast.wire.events import CHAT_GROUP, CREATED_TOPIC, INGEST_TOPIC, IngestRecord, decode_ingest, encode_event
 
-__all__ = ["IngestPipeline", "PipelineStatistics", "KafkaTuning", "wall_clock_ms"]
+__all__ = ["IngestPipeline", "KafkaTuning", "PipelineStatistics", "wall_clock_ms"]
 
 log = logging.getLogger("roomcast.chat.kafka")
 
@@ -383,9 +384,9 @@ class _Stopped(Exception):
     pass
 
 
-async def _until_stopped(coro: object, stop: asyncio.Event) -> None:
+async def _until_stopped(coro: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
     """Await `coro`; raise _Stopped (after cancelling it) if `stop` is set first."""
-    task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    task = asyncio.ensure_future(coro)
     waiter = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -395,10 +396,7 @@ async def _until_stopped(coro: object, stop: asyncio.Event) -> None:
         task.result()
         return
     task.cancel()
-    try:
-        await task
-    except BaseException:
-        pass
+    await asyncio.gather(task, return_exceptions=True)  # still raises if we are cancelled ourselves
     raise _Stopped()
 
 

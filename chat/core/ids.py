@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 
-__all__ = ["CROCKFORD_ALPHABET", "ULID_LENGTH", "UlidGenerator", "encode_ulid", "ulid_time_ms", "is_ulid"]
+__all__ = ["CROCKFORD_ALPHABET", "ULID_LENGTH", "UlidGenerator", "encode_ulid", "is_ulid", "ulid_time_ms"]
 
 CROCKFORD_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 ULID_LENGTH = 26
@@ -60,7 +60,7 @@ class UlidGenerator:
     `random_bits(k)` returns a random int of k bits (default: `secrets`).
     """
 
-    __slots__ = ("_random_bits", "_last_ms", "_last_random")
+    __slots__ = ("_last_ms", "_last_random", "_random_bits")
 
     def __init__(self, random_bits: Callable[[int], int] = secrets.randbits) -> None:
         self._random_bits = random_bits

@@ -7,9 +7,9 @@ skipped by the caller, never stored.
 
 from __future__ import annotations
 
-from roomcast.wire.events import IngestRecord
 import re
 
+from roomcast.wire.events import IngestRecord
 from roomcast.wire.frames import ROOM_ID_PATTERN
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "MAX_CLIENT_MSG_ID_CHARS", "is_room_id", "validate_ingest"]

@@ -16,6 +16,8 @@ import asyncio
 import json
 import logging
 import os
+import signal
+import sys
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
@@ -33,7 +35,15 @@ from roomcast.config import ChatConfig
 from roomcast.embedded import free_port, start_tansu
 from roomcast.http import HttpServer
 from roomcast.kafka import ensure_topics
-from roomcast.wire.events import CHAT_GROUP, CREATED_TOPIC, INGEST_TOPIC, IngestRecord, MessageEvent, decode_event, encode_ingest
+from roomcast.wire.events import (
+    CHAT_GROUP,
+    CREATED_TOPIC,
+    INGEST_TOPIC,
+    IngestRecord,
+    MessageEvent,
+    decode_event,
+    encode_ingest,
+)
 
 TIMEOUT_FACTOR = float(os.environ.get("ROOMCAST_TEST_TIMEOUT_FACTOR", "1"))
 PARTITIONS = 2
@@ -538,7 +548,7 @@ async def test_history_api_over_a_real_socket_through_the_running_service(
     assert doc["room"] == "r1" and doc["latest_seq"] == 7
     assert doc["messages"] == [json.loads(json.dumps(_as_dict(e))) for e in events[2:5]]
     assert list(doc["messages"][0]) == ["id", "room", "seq", "user", "body", "client_msg_id", "ts"]
-    status, _, body = await http_get(running.port, "/rooms/r1/messages")
+    _, _, body = await http_get(running.port, "/rooms/r1/messages")
     assert [m["seq"] for m in json.loads(body)["messages"]] == list(range(1, 8))
     assert (await http_get(running.port, "/healthz"))[0] == 200
 
@@ -578,7 +588,7 @@ async def test_history_paging_and_oldest_seq_header(history_server: tuple[int, S
     _, _, body = await http_get(port, "/rooms/r:1/messages?after=248")
     assert [m["seq"] for m in json.loads(body)["messages"]] == [249, 250]
     await store.prune("r:1", keep_from_seq=101)
-    status, headers, body = await http_get(port, "/rooms/r:1/messages?after=50&limit=2")
+    _, headers, body = await http_get(port, "/rooms/r:1/messages?after=50&limit=2")
     assert headers["x-roomcast-oldest-seq"] == "101"
     assert [m["seq"] for m in json.loads(body)["messages"]] == [101, 102]  # first seq > after+1: pruned gap
 
@@ -645,3 +655,85 @@ async def test_the_auth_seam_can_refuse_with_401(tmp_path: Path) -> None:
         status, _, body = await http_get(server.port, "/rooms/closed/messages")
         assert status == 401 and json.loads(body) == {"error": "unauthorized", "message": "token required"}
     await store.aclose()
+
+
+# ---- two instances: rebalance ---------------------------------------------------------------
+
+
+async def test_a_second_instance_joining_and_the_first_leaving_lose_and_double_nothing(
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[Running]
+) -> None:
+    # Both instances share the database, as they share Postgres in production.
+    # Posts flow the whole time: through the join of the second (partitions
+    # split) and the leave of the first (all partitions to the second).
+    config = chat_config(bootstrap, tmp_path, batch_max=5)
+    rooms = [f"room-{k}" for k in range(6)]
+    posted: dict[str, set[str]] = {room: set() for room in rooms}
+    enough = asyncio.Event()
+
+    async def post_until_enough() -> int:
+        i = 0
+        while not enough.is_set():
+            room = rooms[i % len(rooms)]
+            await post(producer, record(room, f"m-{i}"))
+            posted[room].add(f"m-{i}")
+            i += 1
+            await asyncio.sleep(0.01)
+        return i
+
+    started = time.monotonic()
+    first = await start_service(services, config)
+    posting = asyncio.create_task(post_until_enough())
+    await created.wait_for(20)
+    second = await start_service(services, config)
+    await asyncio.sleep(0.5)
+    await first.stop()
+    stopped = time.monotonic()
+    second_before = second.service.statistics().stored
+    # Post until the second has taken over and stored some more (rejoin ~3 s).
+    while second.service.statistics().stored < second_before + 50 and time.monotonic() - stopped < FLOW_TIMEOUT_S:
+        await asyncio.sleep(0.1)
+    enough.set()
+    total = await asyncio.wait_for(posting, FLOW_TIMEOUT_S)
+    events = await created.wait_for(total, FLOW_TIMEOUT_S)
+    await created.quiet(0.3)
+    stored = await stored_messages(config.database_url, rooms)
+    assert_stored_once_gap_free(stored, posted)
+    assert_delivered_in_seq_order(events, stored)
+    assert first.service.statistics().stored > 0 and second.service.statistics().stored > second_before + 50
+    logging.getLogger("test").info("rebalance test: %d posts in %.1f s", total, time.monotonic() - started)
+
+
+# ---- the process entry point ----------------------------------------------------------------
+
+
+async def test_main_runs_under_uvloop_and_drains_on_sigterm(bootstrap: str, tmp_path: Path) -> None:
+    flags = {"kafka_bootstrap": bootstrap, "database_url": f"sqlite:///{tmp_path / 'm.db'}", "http_host": "127.0.0.1", "http_port": 0}
+    code = (
+        "import chat.app\n"
+        "from roomcast.config import ChatConfig, load\n"
+        f"chat.app.main(load(ChatConfig, {flags!r}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROOMCAST_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, cwd=tmp_path
+    )
+    assert proc.stderr is not None
+    try:
+        log_lines: list[str] = []
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not any("chat service ready" in line for line in log_lines):
+            line = await asyncio.wait_for(proc.stderr.readline(), max(0.1, deadline - time.monotonic()))
+            assert line, "chat exited early:\n" + "".join(log_lines)
+            log_lines.append(line.decode())
+        assert "event loop uvloop" in log_lines[-1]
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        rest = await asyncio.wait_for(proc.stderr.read(), 20)
+        assert await proc.wait() == 0, rest.decode()
+        assert time.monotonic() - started < 5
+        assert b"SIGTERM: draining" in rest and b"chat service stopped" in rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -62,9 +62,6 @@ def text(body: str, status: int = 200) -> Response:
     return status, {"content-type": "text/plain"}, body.encode()
 
 
-release = asyncio.Event
-
-
 @pytest.fixture
 async def gate() -> asyncio.Event:
     return asyncio.Event()
@@ -143,7 +140,7 @@ async def test_http10_closes_unless_keep_alive_is_asked(server: HttpServer) -> N
     c = await Client.connect(server.port)
     await c.send(b"GET /hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
     status, headers, _ = await c.response()
-    assert headers["connection"] == "keep-alive"
+    assert status == 200 and headers["connection"] == "keep-alive"
     await c.send(b"GET /hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
     assert (await c.response())[2] == b"hello"
     await c.aclose()
