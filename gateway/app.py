@@ -296,14 +296,18 @@ class GatewayApp:
                 recovered = since is None or since >= room.last_seq
         elif since is not None and since < room.last_seq:
             recovered = False  # nothing to replay from
-        if conn.closed or conn not in room.joining:
+        if conn.closed or self.registry.rooms.get(room.id) is not room:
+            return
+        if conn not in room.joining:
+            if room.has(conn):  # a repeated join raced the first one: answer it too
+                conn.send_text(encode_joined(room.id, max(latest, room.last_seq)))
             return
         self._complete_join(conn, room, latest, recovered, replay, authoritative)
 
     async def _history_since(self, room_id: str, since: int | None) -> tuple[int, bool, list[tuple[int, bytes]]]:
         assert self.history is not None
         if since is None:
-            latest, _ = await self.history.page(room_id, after=2**62, limit=1)
+            latest, _ = await self.history.page(room_id, after=0, limit=1)  # every page carries latest_seq
             return latest, True, []
         latest, events = await self.history.page(room_id, after=since, limit=500)
         if since >= latest:

@@ -123,6 +123,8 @@ class DevConfig:
 Section = TypeVar("Section", GatewayConfig, ChatConfig, DevConfig)
 
 _PREFIXES = {GatewayConfig: "", ChatConfig: "", DevConfig: "DEV_"}
+# Variables of the test harness and CI, not settings of a service.
+_HARNESS_PREFIXES = (ENV_PREFIX + "TEST_", ENV_PREFIX + "REQUIRE_")
 
 
 def env_name(section: type, name: str) -> str:
@@ -174,7 +176,12 @@ def load(section: type[Section], flags: Mapping[str, Any] | None = None, environ
     prefix = ENV_PREFIX + _PREFIXES[section]
     other_sections = {env_name(s, f.name) for s in _PREFIXES for f in dataclasses.fields(s)}
     for key in environ:
-        if key.startswith(prefix) and key not in known_env and key not in other_sections and not key.startswith(ENV_PREFIX + "TEST_"):
+        if (
+            key.startswith(prefix)
+            and key not in known_env
+            and key not in other_sections
+            and not key.startswith(_HARNESS_PREFIXES)
+        ):
             close = _closest(key, known_env)
             hint = f"; did you mean {close}?" if close else ""
             raise ConfigError(f"unknown environment variable {key}{hint} (see the configuration reference in README.md)")

@@ -118,7 +118,7 @@ class ResilientClient:
 def stored_messages(db_path: Path) -> list[tuple[str, int, str, str]]:
     db = sqlite3.connect(db_path)
     try:
-        return db.execute("select room, seq, user, client_msg_id from messages order by room, seq").fetchall()
+        return db.execute("select room, seq, user_id, client_msg_id from messages order by room, seq").fetchall()
     finally:
         db.close()
 
