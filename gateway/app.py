@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable
-from urllib.parse import parse_qs
 
 import redis.asyncio as aioredis
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
@@ -29,6 +27,7 @@ from gateway.adapters.redis_sub import RedisSubscriber
 from gateway.adapters.websocket import Connection
 from gateway.core.rooms import Delivery, Room, RoomRegistry, frame_events
 from gateway.core.session import Close, JoinRoom, LeaveRoom, Post, Reply, Session, SessionLimits
+from roomcast.auth import AuthError, Authenticator, mint
 from roomcast.config import GatewayConfig, gateway_id
 from roomcast.wire.codes import CloseCode, ErrorCode
 from roomcast.wire.events import ROOM_CHANNEL_PREFIX, encode_ingest
@@ -81,7 +80,8 @@ class GatewayApp:
             fetch_max_wait_ms=config.fetch_max_wait_ms,
             client_id=self.name,
         )
-        self.history = HistoryClient(config.history_url) if config.history_url else None
+        self.auth = Authenticator.from_config(config)
+        self.history = HistoryClient(config.history_url, token=_service_token(config)) if config.history_url else None
         self.connections: set[Connection] = set()
         self.subscriptions: dict[str, asyncio.Future[None]] = {}
         self.server: asyncio.Server | None = None
@@ -202,10 +202,15 @@ class GatewayApp:
             return _plain(503, b"draining; reconnect to another gateway\n")
         if len(self.connections) >= self.config.max_connections:
             return _plain(503, b"this gateway is full; retry later\n")
-        params = parse_qs(query)
-        # Dev mode (PROTOCOL.md 1): ?user= names the user. The JWT seam goes here.
-        user = (params.get("user") or [""])[0][:128] or f"anon-{secrets.randbelow(10**9)}"
-        session = Session(user, self.name, self.limits, int(time.time() * 1000), _new_msg_id)
+        # PROTOCOL.md 1: a token in the Authorization header or ?token=; in dev
+        # mode ?user= names the user. A bad token is refused here, before any
+        # WebSocket exists.
+        try:
+            identity = self.auth.authenticate(request.headers, query)
+        except AuthError as exc:
+            return _plain(401, f"{exc}\n".encode())
+        may_use = identity.may_use if identity.rooms is not None else _every_room
+        session = Session(identity.user, self.name, self.limits, int(time.time() * 1000), _new_msg_id, may_use)
         return Connection(self, session, self.config.max_frame_bytes)
 
     # ---- connections ---------------------------------------------------------------
@@ -429,6 +434,18 @@ def _plain(status: int, body: bytes) -> WSUpgradeResponseWithListener:
     else:
         response = WSUpgradeResponse.create_ok_response(body)
     return WSUpgradeResponseWithListener(response, None)
+
+
+def _service_token(config: GatewayConfig) -> Callable[[], str] | None:
+    """Mints the gateway's own short-lived token for each history request (jwt mode, HS256)."""
+    if config.auth_mode != "jwt" or not config.jwt_secret:
+        return None
+    secret, sub = config.jwt_secret, f"gateway:{gateway_id(config)}"
+    return lambda: mint(secret, sub, ttl_s=60)
+
+
+def _every_room(room: str) -> bool:
+    return True
 
 
 def _new_msg_id() -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from urllib.parse import quote, urlparse
 
 import msgspec
@@ -33,7 +34,7 @@ _page_decoder = msgspec.json.Decoder(HistoryPage)
 
 
 class HistoryClient:
-    def __init__(self, base_url: str, *, timeout_s: float = 3.0, token: str | None = None) -> None:
+    def __init__(self, base_url: str, *, timeout_s: float = 3.0, token: Callable[[], str] | None = None) -> None:
         parsed = urlparse(base_url)
         if parsed.scheme != "http" or not parsed.hostname:
             raise ValueError(f"history_url must be http://host:port/, got {base_url!r}")
@@ -56,7 +57,7 @@ class HistoryClient:
     async def _get(self, path: str) -> bytes:
         reader, writer = await asyncio.open_connection(self.host, self.port)
         try:
-            auth = f"Authorization: Bearer {self.token}\r\n" if self.token else ""
+            auth = f"Authorization: Bearer {self.token()}\r\n" if self.token else ""
             writer.write(
                 f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{auth}Connection: close\r\n\r\n".encode()
             )
