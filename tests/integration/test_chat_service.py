@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -32,7 +32,7 @@ from chat.app import ChatService, run_chat
 from chat.storage import MessageStore, StoredMessage, StoreError, open_store
 from chat.storage.sqlite import SqliteStore
 from roomcast.config import ChatConfig
-from roomcast.embedded import free_port, start_tansu
+from roomcast.embedded import ManagedProcess, free_port, start_tansu
 from roomcast.http import HttpServer
 from roomcast.kafka import ensure_topics
 from roomcast.wire.events import (
@@ -215,6 +215,7 @@ class FlakyStore:
         self.fail_next = 0  # this many store_batch calls raise StoreError without storing
         self.hang_after_store = False  # store, then never return (a crash before produce)
         self.stored_then_hung = asyncio.Event()
+        self.after_store: Callable[[], None] | None = None  # runs after each successful store
         self.calls = 0
 
     async def start(self) -> None:
@@ -229,6 +230,8 @@ class FlakyStore:
             self.fail_next -= 1
             raise StoreError("injected: database unavailable")
         out = await self.inner.store_batch(records, now_ms)
+        if self.after_store is not None:
+            self.after_store()
         if self.hang_after_store:
             self.stored_then_hung.set()
             await asyncio.Event().wait()
@@ -737,3 +740,53 @@ async def test_main_runs_under_uvloop_and_drains_on_sigterm(bootstrap: str, tmp_
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# ---- Kafka stalls ---------------------------------------------------------------------------
+
+
+async def test_a_produce_failure_is_retried_without_commit_or_loss(
+    kafka_broker: ManagedProcess,
+    bootstrap: str,
+    tmp_path: Path,
+    producer: AIOKafkaProducer,
+    created: CreatedReader,
+    services: list[Running],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The broker is frozen (SIGSTOP) right after a batch is stored, for longer
+    # than the produce request timeout: the produce fails, nothing is
+    # committed, and the whole batch is retried once the broker is back
+    # (PLATFORM-NOTES: freeze the broker, never restart it).
+    caplog.set_level(logging.WARNING, logger="roomcast.chat.kafka")
+    config = chat_config(bootstrap, tmp_path)
+    flaky = FlakyStore(open_store(config.database_url))
+    service = ChatService(config, flaky, tuning=KafkaTuning(request_timeout_ms=1000))
+    running = Running(service)
+    services.append(running)
+    await running.start()
+    thaw: list[asyncio.Task[None]] = []
+
+    async def freeze_for_a_while() -> None:
+        kafka_broker.signal(signal.SIGSTOP)
+        await asyncio.sleep(2.5)
+        kafka_broker.signal(signal.SIGCONT)
+
+    def freeze_once() -> None:
+        if not thaw:
+            thaw.append(asyncio.create_task(freeze_for_a_while()))
+
+    flaky.after_store = freeze_once
+    try:
+        for i in range(5):
+            await post(producer, record("r1", f"c-{i}"))
+        events = await created.wait_for(5, FLOW_TIMEOUT_S)
+    finally:
+        kafka_broker.signal(signal.SIGCONT)
+        await asyncio.gather(*thaw)
+    await created.quiet(0.5)
+    assert service.statistics().retries >= 1
+    assert "nothing committed" in caplog.text
+    stored = await stored_messages(config.database_url, ["r1"])
+    assert_stored_once_gap_free(stored, {"r1": {f"c-{i}" for i in range(5)}})
+    assert_delivered_in_seq_order(events, stored)
