@@ -83,14 +83,16 @@ class ChatService:
             raise
         finally:
             stop.set()
-            await self._drain(run_task)
-            restore_signals()
+            try:
+                await self._drain(run_task)
+            finally:
+                restore_signals()
 
     async def _drain(self, run_task: asyncio.Task[None] | None) -> None:
         # 1. Stop fetching; the in-flight batch finishes (and commits) or is
         #    abandoned uncommitted, bounded by the pipeline's shutdown grace.
         if run_task is not None and not run_task.done():
-            done, _ = await asyncio.wait({run_task}, timeout=SHUTDOWN_TIMEOUT_S - 5.0)
+            done, _ = await asyncio.wait({run_task}, timeout=SHUTDOWN_TIMEOUT_S - 7.0)  # 7 s: steps 2-4
             if not done:
                 log.warning("the ingest loop did not stop in time; cancelling it (its batch stays uncommitted)")
                 run_task.cancel()
@@ -111,6 +113,9 @@ async def run_chat(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run the chat service until `stop` is set or SIGTERM/SIGINT; then drain and return.
+
+    SIGTERM/SIGINT are handled only when nobody else handles them (see
+    _install_signal_handlers); a second one forces the exit.
 
     `on_ready(http_port)` is called once the history API listens and the
     Kafka consumer has started. Raises NotImplementedError/ValueError for an
@@ -134,7 +139,12 @@ def main(config: ChatConfig) -> None:
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
-    """First SIGTERM/SIGINT sets `stop`; a second one cancels the running task (forced exit)."""
+    """First SIGTERM/SIGINT sets `stop`; a second one cancels the running task (forced exit).
+
+    Only for a signal still at Python's default disposition: a program that
+    embeds run_chat and handles signals itself (the dev stack) keeps its own
+    handlers. Returns the function that removes what was installed.
+    """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     loop = asyncio.get_running_loop()
@@ -150,6 +160,8 @@ def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
             task.cancel()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(signum) not in (signal.SIG_DFL, signal.default_int_handler):
+            continue  # someone else handles it
         try:
             loop.add_signal_handler(signum, on_signal, signum)
             installed.append(signum)

@@ -100,6 +100,7 @@ class IngestPipeline:
 
     Call `await connect(stop)` once (retries until Kafka answers or `stop` is
     set), then `await run(stop)` until `stop` is set, then `await aclose()`.
+    Raises ValueError when config.batch_max is below 1.
     """
 
     def __init__(
@@ -110,6 +111,8 @@ class IngestPipeline:
         tuning: KafkaTuning = KafkaTuning(),
         clock_ms: Callable[[], int] = wall_clock_ms,
     ) -> None:
+        if config.batch_max < 1:
+            raise ValueError(f"batch_max must be 1 or more, not {config.batch_max}")
         self.config = config
         self.store = store
         self.tuning = tuning
