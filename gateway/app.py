@@ -29,6 +29,8 @@ from gateway.core.rooms import Delivery, Room, RoomRegistry, frame_events
 from gateway.core.session import Close, JoinRoom, LeaveRoom, Post, Reply, Session, SessionLimits
 from roomcast.auth import AuthError, Authenticator, mint
 from roomcast.config import GatewayConfig, gateway_id
+from roomcast.http import HttpServer, Router
+from roomcast.metrics import SIZE_BUCKETS, MetricsRegistry
 from roomcast.wire.codes import CloseCode, ErrorCode
 from roomcast.wire.events import ROOM_CHANNEL_PREFIX, encode_ingest
 from roomcast.wire.frames import encode_ack, encode_error, encode_joined, encode_left
@@ -57,6 +59,7 @@ class GatewayApp:
 
     def __init__(self, config: GatewayConfig, worker_index: int = 0) -> None:
         self.config = config
+        self.worker_index = worker_index
         self.name = f"{gateway_id(config)}-{worker_index}"
         self.registry = RoomRegistry(fill_gaps=bool(config.history_url))
         self.limits = SessionLimits(
@@ -90,7 +93,31 @@ class GatewayApp:
         self._tasks: set[asyncio.Task[None]] = set()
         self._fill_slots = asyncio.Semaphore(FILL_CONCURRENCY)
         self.port = 0
-        self.slow_consumers = 0
+        self.admin: HttpServer | None = None
+        self._init_metrics()
+
+    def _init_metrics(self) -> None:
+        m = self.metrics = MetricsRegistry()
+        stats = self.registry.stats
+        m.gauge("roomcast_gateway_connections", "open client WebSockets", lambda: len(self.connections))
+        m.gauge("roomcast_gateway_rooms", "rooms with a local socket (one Redis subscription each)", lambda: len(self.registry.rooms))
+        m.gauge("roomcast_gateway_ready", "1 when ready: Redis and Kafka connected, not draining", lambda: int(self.ready))
+        self.m_joins = m.counter("roomcast_gateway_joins_total", "joins accepted")
+        self.m_deliveries = m.counter("roomcast_gateway_deliveries_total", "messages written to sockets (message x socket)")
+        self.m_batch = m.histogram("roomcast_gateway_fanout_batch_events", "events framed into one buffer per room per Redis read", SIZE_BUCKETS)
+        self.m_fanout = m.histogram("roomcast_gateway_fanout_latency_seconds", "time to frame and write one Redis read to every socket")
+        self.m_slow = m.counter("roomcast_gateway_slow_consumer_closes_total", "sockets closed with 4000")
+        m.counter_fn("roomcast_gateway_redis_reconnects_total", "Redis subscriber reconnects", lambda: self.subscriber.reconnects)
+        m.counter_fn("roomcast_gateway_events_duplicate_total", "events dropped as already delivered", lambda: stats.events_duplicate)
+        m.counter_fn("roomcast_gateway_events_malformed_total", "Redis payloads without a seq", lambda: stats.events_malformed)
+        m.counter_fn("roomcast_gateway_gaps_total", "gaps seen in a room's live stream", lambda: stats.gaps)
+        m.counter_fn("roomcast_gateway_gap_fills_total", "fills from history that closed their gap", lambda: stats.gaps_filled)
+        m.counter_fn("roomcast_gateway_gaps_unfilled_total", "fills that left a gap", lambda: stats.gaps_unfilled)
+        self.m_posts = m.counter("roomcast_gateway_posts_total", "posts acked by Kafka")
+        self.m_unavailable = m.counter("roomcast_gateway_posts_unavailable_total", "posts answered `unavailable`")
+        self.m_produce = m.histogram("roomcast_gateway_kafka_produce_latency_seconds", "message.send to broker ack")
+        m.counter_fn("roomcast_gateway_relay_published_total", "message.created events PUBLISHed by this worker", lambda: self.relay.published)
+        m.gauge("roomcast_gateway_kafka_consumer_lag_messages", "message.created records not yet published", self.relay.lag)
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -116,6 +143,14 @@ class GatewayApp:
         )
         self.port = self.server.sockets[0].getsockname()[1]
         log.info("gateway worker %s listening on %s:%d", self.name, self.config.host, self.port)
+        if self.config.admin_port:
+            router = Router()
+            router.add("/metrics", lambda req: (200, {"content-type": MetricsRegistry.CONTENT_TYPE}, self.metrics.render()))
+            router.add("/healthz", lambda req: (200, {"content-type": "text/plain"}, b"ok\n"))
+            router.add("/readyz", lambda req: (200 if self.ready else 503, {"content-type": "text/plain"}, b"ready\n" if self.ready else b"not ready\n"))
+            # Worker i of a pod serves admin_port + i, so each is scraped on its own.
+            self.admin = HttpServer(router, self.config.host, self.config.admin_port + self.worker_index)
+            await self.admin.start()
 
     @property
     def ready(self) -> bool:
@@ -172,6 +207,8 @@ class GatewayApp:
         log.info("drain step 7/7: closing redis")
         await self.subscriber.aclose()
         await self.publisher.aclose()
+        if self.admin is not None:
+            await self.admin.aclose()
         log.info("drained")
 
     async def _wait_tasks(self, timeout_s: float) -> None:
@@ -235,8 +272,12 @@ class GatewayApp:
         for room_id in conn.session.rooms:
             self.registry.set_writer(room_id, conn, conn.raw_write)
 
+    @property
+    def slow_consumers(self) -> int:
+        return self.m_slow.value
+
     def slow_consumer(self, conn: Connection) -> None:
-        self.slow_consumers += 1
+        self.m_slow.value += 1
         log.info("closing slow consumer %s (send buffer over %d bytes)", conn.session.user, self.config.send_buffer_limit_bytes)
         conn.end_slow(abort_after_s=SLOW_ABORT_S)
 
@@ -259,15 +300,20 @@ class GatewayApp:
 
     async def _post(self, conn: Connection, post: Post) -> None:
         record = post.record
+        started = time.perf_counter()
         ok = await self.producer.post(record.room.encode(), encode_ingest(record))
         if ok:
+            self.m_produce.observe(time.perf_counter() - started)
+            self.m_posts.value += 1
             conn.send_text(encode_ack(record.client_msg_id))
         else:
+            self.m_unavailable.value += 1
             conn.send_text(
                 encode_error(ErrorCode.UNAVAILABLE, "message not accepted now; retry with the same client_msg_id", record.client_msg_id)
             )
 
     def _join(self, conn: Connection, join: JoinRoom) -> None:
+        self.m_joins.value += 1
         room, first = self.registry.begin_join(join.room, conn)
         if first:
             self.subscriptions[join.room] = self.subscriber.subscribe(room.channel)
@@ -348,6 +394,7 @@ class GatewayApp:
 
     def on_redis_messages(self, batch: dict[bytes, list[bytes]]) -> None:
         """Every message of one Redis read, grouped by channel: frame once, write per socket."""
+        started = time.perf_counter()
         by_channel = self.registry.by_channel
         deliver = self.registry.deliver
         for channel, payloads in batch.items():
@@ -357,6 +404,7 @@ class GatewayApp:
             delivery = deliver(room, payloads)
             if delivery is not None:
                 self._write(delivery)
+        self.m_fanout.observe(time.perf_counter() - started)
         if self.registry.fill_requests:
             for room in self.registry.fill_requests:
                 self.spawn(self._fill(room))
@@ -365,6 +413,8 @@ class GatewayApp:
     def _write(self, delivery: Delivery) -> None:
         buffer = delivery.buffer
         members = delivery.room.members
+        self.m_batch.observe(delivery.count)
+        self.m_deliveries.value += delivery.count * (len(members) + len(delivery.extra))
         # A snapshot: a writer may close its socket (slow consumer), which edits `members`.
         for write in tuple(members.values()):
             write(buffer)

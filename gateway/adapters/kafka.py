@@ -151,6 +151,7 @@ class CreatedRelay:
         self._batch_lock = asyncio.Lock()
         self.published = 0
         self.connected = False
+        self._next_offset: dict[TopicPartition, int] = {}
 
     async def start(self) -> None:
         if self._task is None and self.bootstrap:
@@ -210,6 +211,22 @@ class CreatedRelay:
             await self.publish([(record.key or b"", record.value or b"") for record in records])
             self.published += len(records)
             await consumer.commit({tp: records[-1].offset + 1})
+            self._next_offset[tp] = records[-1].offset + 1
+
+    def lag(self) -> int:
+        """Records of message.created on this worker's partitions not yet published.
+
+        From highwater() (ListOffsets(latest) is wrong on the embedded broker).
+        """
+        consumer = self._consumer
+        if consumer is None:
+            return 0
+        total = 0
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is not None:
+                total += max(0, high - self._next_offset.get(tp, 0))
+        return total
 
     async def aclose(self) -> None:
         """Stop after the in-flight batch, commit, leave the group. Idempotent."""

@@ -20,7 +20,7 @@ from tests.support import Client, event, scaled
 
 
 def base_config(redis_url: str, **overrides: object) -> GatewayConfig:
-    return replace(GatewayConfig(host="127.0.0.1", port=0, redis_url=redis_url), **overrides)  # type: ignore[arg-type]
+    return replace(GatewayConfig(host="127.0.0.1", port=0, admin_port=0, redis_url=redis_url), **overrides)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -282,3 +282,70 @@ async def test_message_created_is_published_once_to_the_room_and_reaches_the_soc
     assert published == list(range(1, 21))  # exactly once each
     await counter.aclose()
     await c.close()
+
+
+async def test_admin_port_serves_metrics_that_move_with_traffic_and_probes(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    from roomcast.embedded import free_port
+
+    admin_port = free_port()
+    app = await start_gateway(base_config(redis_url, admin_port=admin_port))
+
+    async def get(path: str) -> tuple[int, str]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", admin_port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        raw = await reader.read()
+        writer.close()
+        head, _, body = raw.decode().partition("\r\n\r\n")
+        return int(head.split()[1]), body
+
+    def metric(text: str, name: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"{name} not in /metrics")
+
+    try:
+        assert (await get("/healthz"))[0] == 200
+        assert (await get("/readyz"))[0] == 200  # no Kafka configured: Redis is enough
+        _, before = await get("/metrics")
+        assert metric(before, "roomcast_gateway_deliveries_total") == 0
+        clients = [await Client.connect(ws_url(app), f"u{i}") for i in range(3)]
+        for c in clients:
+            await c.join("m")
+        for seq in range(1, 6):
+            await redis_client.publish("room:m", event("m", seq))
+        for c in clients:
+            await c.collect("m", 5)
+        _, after = await get("/metrics")
+        assert metric(after, "roomcast_gateway_connections") == 3
+        assert metric(after, "roomcast_gateway_rooms") == 1
+        assert metric(after, "roomcast_gateway_joins_total") == 3
+        assert metric(after, "roomcast_gateway_deliveries_total") == 15
+        assert metric(after, "roomcast_gateway_fanout_latency_seconds_count") >= 1
+        assert "room" not in {label for line in after.splitlines() if "{" in line for label in [line.split("{")[1].split("=")[0]]}
+        for c in clients:
+            await c.close()
+    finally:
+        await app.drain()
+
+
+async def test_readyz_is_503_while_kafka_is_unreachable_and_posts_get_unavailable(redis_url: str) -> None:
+    from roomcast.embedded import free_port
+
+    admin_port = free_port()
+    dead_kafka = f"127.0.0.1:{free_port()}"  # nothing listens there
+    app = await start_gateway(base_config(redis_url, admin_port=admin_port, kafka_bootstrap=dead_kafka))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", admin_port)
+        writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await reader.readline()).startswith(b"HTTP/1.1 503")
+        writer.close()
+        c = await Client.connect(ws_url(app), "u")
+        await c.join("r")  # joins and fan-out still work
+        await c.send({"type": "message.send", "room": "r", "body": "x", "client_msg_id": "c-1"})
+        assert (await c.expect("error"))["code"] == "unavailable"
+        await c.close()
+    finally:
+        await app.drain()
