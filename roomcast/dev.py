@@ -95,6 +95,8 @@ def run_dev(config: DevConfig) -> int:
                 "--redis-url", f"redis://{redis.address}",
                 "--kafka-bootstrap", kafka.address,
                 "--history-url", history_url,
+                # Off in dev: per-worker admin ports would collide with other stacks.
+                "--admin-port", "0",
                 "--log-level", config.log_level,
             ),
             stdin=subprocess.DEVNULL,
