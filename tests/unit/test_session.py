@@ -430,27 +430,14 @@ def test_session_closed_by_a_binary_frame_ignores_further_text_frames():
 # ---- never raises for bad input ------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="BUG: gateway/core/session.py Session.receive_text ('Never raises for bad input') lets "
-    "RecursionError from roomcast/wire/frames.py decode_client_frame escape for a 60 KB frame of "
-    "'[' (under max_frame_bytes); the adapter then closes with 1011 instead of answering bad_request",
-)
 def test_session_answers_bad_request_for_deeply_nested_json():
     s = make_session()
     actions = s.receive_text(T0, "[" * 60_000)
     assert error_of(actions)["code"] == "bad_request"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeEncodeError,
-    reason="BUG (low; not reachable through picows + gateway/core/framing.py, which decode UTF-8 "
-    "strictly): Session.receive_text(now, str) with a lone surrogate raises UnicodeEncodeError "
-    "from msgspec instead of answering bad_request",
-)
 def test_session_answers_bad_request_for_a_str_with_a_lone_surrogate():
+    # Not reachable through picows + framing (strict UTF-8), but receive_text takes any str.
     s = make_session()
     actions = s.receive_text(T0, '{"type":"join","room":"\ud800"}')
     assert error_of(actions)["code"] == "bad_request"
