@@ -23,6 +23,7 @@ from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithLis
 from gateway.adapters.framed import EchoListener
 from gateway.adapters.history import HistoryClient, HistoryUnavailable
 from gateway.adapters.kafka import CreatedRelay, IngestProducer
+from gateway.adapters.redis_cluster import ClusterSubscriber
 from gateway.adapters.redis_sub import RedisSubscriber
 from gateway.adapters.websocket import Connection
 from gateway.core.rooms import Delivery, Room, RoomRegistry, frame_events
@@ -69,8 +70,17 @@ class GatewayApp:
             abuse_max_errors=config.abuse_max_errors,
             abuse_window_ms=config.abuse_window_ms,
         )
-        self.subscriber = RedisSubscriber(config.redis_url, self.on_redis_messages, self.on_redis_connected)
-        self.publisher = aioredis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        self.subscriber: RedisSubscriber | ClusterSubscriber
+        self.publisher: aioredis.Redis | aioredis.RedisCluster
+        if config.redis_mode == "cluster":
+            # Sharded pub/sub: SSUBSCRIBE on each slot's node, SPUBLISH to it (PITFALLS.md 6).
+            self.subscriber = ClusterSubscriber(config.redis_url, self.on_redis_messages, self.on_redis_connected)
+            self.publisher = aioredis.RedisCluster.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=2)
+            self._publish_command = "SPUBLISH"
+        else:
+            self.subscriber = RedisSubscriber(config.redis_url, self.on_redis_messages, self.on_redis_connected)
+            self.publisher = aioredis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=2)
+            self._publish_command = "PUBLISH"
         self.producer = IngestProducer(
             config.kafka_bootstrap,
             linger_ms=config.produce_linger_ms,
@@ -472,9 +482,10 @@ class GatewayApp:
 
     async def publish_events(self, records: list[tuple[bytes, bytes]]) -> None:
         """PUBLISH each (room key, event) on room:<id>, in order, in one round trip."""
-        pipe = self.publisher.pipeline(transaction=False)
+        pipe = self.publisher.pipeline(transaction=False) if self._publish_command == "PUBLISH" else self.publisher.pipeline()
+        command = self._publish_command
         for key, value in records:
-            pipe.publish(ROOM_CHANNEL_PREFIX.encode() + key, value)
+            pipe.execute_command(command, ROOM_CHANNEL_PREFIX.encode() + key, value)
         await pipe.execute()
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "find_redis_server",
     "find_tansu",
     "start_redis",
+    "start_redis_cluster",
     "start_tansu",
     "wait_for_port",
 ]
@@ -195,3 +196,58 @@ def start_tansu(host: str = "127.0.0.1", port: int = 0, log_path: Path | None = 
         managed.stop()
         raise
     return managed
+
+
+def start_redis_cluster(nodes: int = 3, host: str = "127.0.0.1", work_dir: Path | None = None) -> list[ManagedProcess]:
+    """Start a local Redis Cluster of `nodes` masters (no replicas) and wait until it is ok.
+
+    Slots are assigned and the nodes introduced with plain commands
+    (CLUSTER ADDSLOTSRANGE, CLUSTER MEET), so no redis-cli is needed.
+    """
+    import tempfile
+
+    import redis
+
+    base = work_dir or Path(tempfile.mkdtemp(prefix="roomcast-cluster-"))
+    procs: list[ManagedProcess] = []
+    try:
+        for i in range(nodes):
+            node_dir = base / f"node{i}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            procs.append(
+                start_redis(
+                    host,
+                    log_path=node_dir / "redis.log",
+                    extra_args=[
+                        "--cluster-enabled", "yes",
+                        "--cluster-config-file", str(node_dir / "nodes.conf"),
+                        # The bus port defaults to port + 10000, which overflows for high free ports.
+                        "--cluster-port", str(bus_port := free_port(host)),
+                        "--dir", str(node_dir),
+                    ],
+                )
+            )
+            procs[-1].extra["bus_port"] = str(bus_port)
+        clients = [redis.Redis(host=host, port=p.port, socket_timeout=5) for p in procs]
+        per_node = 16384 // nodes
+        for i, client in enumerate(clients):
+            start = i * per_node
+            end = 16383 if i == nodes - 1 else start + per_node - 1
+            client.execute_command("CLUSTER ADDSLOTSRANGE", start, end)
+        for client in clients[1:]:
+            client.execute_command("CLUSTER MEET", host, procs[0].port, procs[0].extra["bus_port"])
+        deadline = time.monotonic() + 20
+        while True:
+            states = [c.cluster("INFO") for c in clients]
+            if all(s["cluster_state"] == "ok" and int(s["cluster_known_nodes"]) == nodes for s in states):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the local redis cluster did not become ok: {states[0]}")
+            time.sleep(0.1)
+        for c in clients:
+            c.close()
+        return procs
+    except Exception:
+        for p in procs:
+            p.stop()
+        raise

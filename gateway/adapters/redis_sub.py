@@ -80,8 +80,10 @@ class _SubscriberProtocol(asyncio.Protocol):
                 # unsubscribe confirmations need no action
             elif isinstance(reply, hiredis.ReplyError):
                 log.error("redis refused a subscriber command: %s", reply)
-            elif reply == b"OK":  # AUTH / SELECT
-                continue
+                if str(reply).startswith("MOVED"):
+                    owner._moved()
+            elif reply == b"PONG":  # PING outside subscribed mode (no channel yet)
+                owner._pong()
         if batch:
             try:
                 owner.on_messages(batch)
@@ -107,7 +109,15 @@ class RedisSubscriber:
         reconnect_min_s: float = 0.05,
         reconnect_max_s: float = 2.0,
         ping_interval_s: float = 5.0,
+        sharded: bool = False,
+        on_moved: Callable[[], None] | None = None,
     ) -> None:
+        # sharded: SSUBSCRIBE/SUNSUBSCRIBE on one node of a Redis Cluster; the
+        # caller routes each channel to the node that owns its slot.
+        self._sub = b"SSUBSCRIBE" if sharded else b"SUBSCRIBE"
+        self._unsub = b"SUNSUBSCRIBE" if sharded else b"UNSUBSCRIBE"
+        self._control = None if sharded else CONTROL_CHANNEL
+        self.on_moved = on_moved
         parsed = urlparse(url)
         self.host = parsed.hostname or "127.0.0.1"
         self.port = parsed.port or 6379
@@ -159,7 +169,7 @@ class RedisSubscriber:
         proto = self._protocol
         if proto is not None and proto.transport is not None:
             self._pending.setdefault(channel, deque()).append([fut])
-            proto.transport.write(encode_command(b"SUBSCRIBE", channel))
+            proto.transport.write(encode_command(self._sub, channel))
         else:
             self._orphan(channel, fut)
         return fut
@@ -172,7 +182,7 @@ class RedisSubscriber:
         self._wanted.discard(channel)
         proto = self._protocol
         if proto is not None and proto.transport is not None:
-            proto.transport.write(encode_command(b"UNSUBSCRIBE", channel))
+            proto.transport.write(encode_command(self._unsub, channel))
 
     def _orphan(self, channel: bytes, fut: asyncio.Future[None]) -> None:
         # Parked until the next connection sends this channel's SUBSCRIBE.
@@ -187,6 +197,25 @@ class RedisSubscriber:
                 fut.set_result(None)
         if not queue:
             del self._pending[channel]
+
+    def _moved(self) -> None:
+        # A slot moved to another node: the caller re-reads the slot map.
+        if self.on_moved is not None:
+            self.on_moved()
+
+    def drop_channel(self, channel: bytes) -> list[asyncio.Future[None]]:
+        """Forget a channel without telling Redis (it moved to another node's
+        connection); returns its unconfirmed waiters so they can follow it."""
+        self._wanted.discard(channel)
+        waiters = [fut for futs in self._pending.pop(channel, deque()) for fut in futs]
+        waiters += self._orphans.pop(channel, [])
+        return waiters
+
+    def adopt(self, channel: bytes, waiters: list[asyncio.Future[None]]) -> None:
+        """Take over a channel from another node's connection, with its waiters."""
+        fut = self.subscribe(channel)
+        for waiter in waiters:
+            fut.add_done_callback(lambda f, w=waiter: w.done() or w.set_result(None))
 
     def _pong(self) -> None:
         if self._pong_waiter is not None and not self._pong_waiter.done():
@@ -242,11 +271,12 @@ class RedisSubscriber:
         if self.password is not None:
             auth = (self.username.encode(), self.password.encode()) if self.username else (self.password.encode(),)
             commands.append(encode_command(b"AUTH", *auth))
-        commands.append(encode_command(b"SUBSCRIBE", CONTROL_CHANNEL))
+        if self._control is not None:
+            commands.append(encode_command(self._sub, self._control))
         orphans, self._orphans = self._orphans, {}
         for channel in self._wanted:
             self._pending.setdefault(channel, deque()).append(orphans.pop(channel, []))
-            commands.append(encode_command(b"SUBSCRIBE", channel))
+            commands.append(encode_command(self._sub, channel))
         # Waiters for channels no longer wanted: nothing to confirm.
         for futs in orphans.values():
             for fut in futs:
