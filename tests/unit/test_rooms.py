@@ -194,6 +194,32 @@ def test_set_writer_swaps_a_live_members_writer():
     assert old.writes == [] and new.seqs == [1]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: gateway/core/rooms.py RoomRegistry.set_writer swaps only `room.members`; a "
+    "catching-up member keeps the writer it completed its join with, and takes it along when "
+    "_catch_up makes it live. gateway/app.py connection_paused/resumed rely on set_writer, so "
+    "(a) a socket paused while catching up gets its frames through raw_write, ahead of the ones "
+    "queued in `pending`: out of seq order (PROTOCOL.md 3); (b) a socket that completed its join "
+    "while paused keeps queue_write after resume_writing: its frames pile up in `pending`, never "
+    "flushed, until it is closed 4000 as a slow consumer",
+)
+def test_set_writer_also_reaches_a_catching_up_member():
+    registry = RoomRegistry()
+    live_member(registry, "r1", "m0")
+    room = registry.rooms["r1"]
+    write_out(registry.deliver(room, [ev(1), ev(2)]))
+    registry.begin_join("r1", "m1")
+    old = Sink()
+    registry.complete_join(room, "m1", old, sent_up_to=4)  # history ahead of Redis: catching up
+    new = Sink()
+    registry.set_writer("r1", "m1", new)  # its socket paused (or resumed)
+    write_out(registry.deliver(room, [ev(3), ev(4), ev(5)]))
+    write_out(registry.deliver(room, [ev(6)]))  # now live
+    assert old.writes == []
+    assert new.seqs == [5, 6]
+
+
 def test_set_writer_ignores_unknown_rooms_and_members():
     registry = RoomRegistry()
     registry.set_writer("nope", "m1", Sink())
