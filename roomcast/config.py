@@ -247,3 +247,21 @@ def settings_table(section: type) -> list[tuple[str, str, Any, str, str]]:
         (f.name, env_name(section, f.name), f.default, f.metadata["unit"], f.metadata["doc"])
         for f in dataclasses.fields(section)
     ]
+
+
+def markdown_reference() -> str:
+    """The configuration reference of README.md, generated from the sections above."""
+    out: list[str] = []
+    for section, command in ((GatewayConfig, "roomcast gateway"), (ChatConfig, "roomcast chat"), (DevConfig, "roomcast dev")):
+        out.append(f"### `{command}`\n")
+        out.append("| flag | environment | default | unit | meaning |")
+        out.append("| --- | --- | --- | --- | --- |")
+        for name, env, default, unit, doc in settings_table(section):
+            shown = f"`{default!r}`" if default != "" else '`""`'
+            out.append(f"| `--{name.replace('_', '-')}` | `{env}` | {shown} | {unit} | {doc} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(markdown_reference())
