@@ -12,10 +12,11 @@ import signal
 import threading
 from collections.abc import Callable
 
-from chat.adapters.http import Authorizer, allow_all, build_http_server
+from chat.adapters.http import Authorizer, build_http_server
 from chat.adapters.kafka import IngestPipeline, KafkaTuning, PipelineStatistics
 from chat.storage import MessageStore, open_store
 from roomcast.config import ChatConfig
+from roomcast.logs import setup_logging
 
 __all__ = ["SHUTDOWN_TIMEOUT_S", "ChatService", "main", "run_chat"]
 
@@ -36,8 +37,9 @@ class ChatService:
         store: MessageStore,
         *,
         tuning: KafkaTuning = KafkaTuning(),
-        authorize: Authorizer = allow_all,
+        authorize: Authorizer | None = None,
     ) -> None:
+        """Raises ConfigError for bad auth settings; `authorize` None means config.auth_mode's check."""
         self.config = config
         self.store = store
         self.pipeline = IngestPipeline(config, store, tuning=tuning)
@@ -130,10 +132,8 @@ def main(config: ChatConfig) -> None:
     """Run the chat service under uvloop until SIGTERM/SIGINT (the `roomcast chat` entry point)."""
     import uvloop
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+    if not logging.getLogger().handlers:  # the CLI sets logging up; a bare call gets the same
+        setup_logging(config.log_level, config.log_format == "json")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(run_chat(config))
 

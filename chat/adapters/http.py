@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -25,6 +26,7 @@ import msgspec
 import roomcast
 from chat.core.validation import is_room_id
 from chat.storage.base import HISTORY_MAX_LIMIT, MessageStore, StoreError
+from roomcast.auth import Authenticator, AuthError
 from roomcast.config import ChatConfig
 from roomcast.http import HttpServer, Request, Response, Router
 from roomcast.wire.events import MessageEvent
@@ -34,6 +36,8 @@ __all__ = [
     "PAGE_PATH",
     "WS_URL_PLACEHOLDER",
     "Authorizer",
+    "Refusal",
+    "token_authorizer",
     "HistoryApi",
     "allow_all",
     "build_http_server",
@@ -49,15 +53,45 @@ DEFAULT_LIMIT = 100  # PROTOCOL.md 5
 _MAX_SEQ_DIGITS = 18  # keeps `after` inside a signed 64-bit column
 _DIGITS = re.compile(r"[0-9]+")
 
-# Checks a request for `room`: None to allow, or the reason to refuse (401).
-# Production will check the same JWT as the WebSocket (PROTOCOL.md 5); dev
-# mode allows everything.
-Authorizer = Callable[[Request, str], str | None]
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a history request is refused: 401 (no valid token) or 403 (room not allowed)."""
+
+    status: int
+    message: str
 
 
-def allow_all(request: Request, room: str) -> str | None:
+# Checks a request for `room`: None to allow, or a Refusal. In jwt mode it
+# checks the same token as the WebSocket (PROTOCOL.md 1 and 5); dev mode
+# allows everything.
+Authorizer = Callable[[Request, str], Refusal | None]
+
+
+def allow_all(request: Request, room: str) -> Refusal | None:
     """The dev-mode authorizer: every request may read every room."""
     return None
+
+
+def token_authorizer(authenticator: Authenticator) -> Authorizer:
+    """The authorizer for `authenticator`'s mode: allow_all in dev mode, else a JWT check.
+
+    The token comes as for the WebSocket: `Authorization: Bearer <JWT>` or
+    `?token=<JWT>`. A missing, bad or expired token gets 401; a room outside
+    the token's `rooms` claim gets 403.
+    """
+    if authenticator.auth_mode == "dev":
+        return allow_all
+
+    def check(request: Request, room: str) -> Refusal | None:
+        try:
+            identity = authenticator.authenticate(request.headers, request.target.partition("?")[2])
+        except AuthError as exc:
+            return Refusal(401, str(exc))
+        if not identity.may_use(room):
+            return Refusal(403, "room not allowed by the token")
+        return None
+
+    return check
 
 
 class _HistoryBody(msgspec.Struct):
@@ -77,6 +111,7 @@ _JSON = "application/json"
 _ERROR_CODES = {
     400: "bad_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     413: "too_large",
@@ -138,7 +173,7 @@ class HistoryApi:
             return json_error(400, f"limit must be a whole number from 1 to {HISTORY_MAX_LIMIT}")
         refusal = self.authorize(request, room)
         if refusal is not None:
-            return json_error(401, refusal)
+            return json_error(refusal.status, refusal.message)
         try:
             page = await self.store.history(room, after, limit)
         except StoreError:
@@ -168,8 +203,14 @@ def _int_param(text: str | None, default: int) -> int | None:
     return int(text)
 
 
-def build_http_server(store: MessageStore, config: ChatConfig, *, authorize: Authorizer = allow_all) -> HttpServer:
-    """The history API server for `config` (not started: `await server.start()`)."""
+def build_http_server(store: MessageStore, config: ChatConfig, *, authorize: Authorizer | None = None) -> HttpServer:
+    """The history API server for `config` (not started: `await server.start()`).
+
+    `authorize` defaults to the token check of config.auth_mode. Raises
+    ConfigError for a bad auth setting (jwt mode without a usable key).
+    """
+    if authorize is None:
+        authorize = token_authorizer(Authenticator.from_config(config))
     api = HistoryApi(store, authorize=authorize, page=load_page(config.page_ws_url))
     return HttpServer(
         api.router(),

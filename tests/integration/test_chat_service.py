@@ -26,12 +26,13 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from chat.adapters.http import HistoryApi, json_error, load_page
+from chat.adapters.http import HistoryApi, Refusal, build_http_server, json_error, load_page
 from chat.adapters.kafka import KafkaTuning
 from chat.app import ChatService, run_chat
 from chat.storage import MessageStore, StoredMessage, StoreError, open_store
 from chat.storage.sqlite import SqliteStore
-from roomcast.config import ChatConfig
+from roomcast.auth import mint
+from roomcast.config import ChatConfig, ConfigError
 from roomcast.embedded import ManagedProcess, free_port, start_tansu
 from roomcast.http import HttpServer
 from roomcast.kafka import ensure_topics
@@ -189,10 +190,11 @@ async def committed_offsets(bootstrap: str) -> dict[int, int | None]:
         await consumer.stop()
 
 
-async def http_get(port: int, target: str) -> tuple[int, dict[str, str], bytes]:
+async def http_get(port: int, target: str, extra_header: str = "") -> tuple[int, dict[str, str], bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    extra = extra_header + "\r\n" if extra_header else ""
     try:
-        writer.write(f"GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: t\r\n{extra}Connection: close\r\n\r\n".encode())
         await writer.drain()
         raw = await asyncio.wait_for(reader.read(), 5)
     finally:
@@ -652,12 +654,47 @@ async def test_no_page_without_page_ws_url(tmp_path: Path) -> None:
 async def test_the_auth_seam_can_refuse_with_401(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "a.db")
     await store.start()
-    api = HistoryApi(store, authorize=lambda request, room: None if room == "open" else "token required")
+    api = HistoryApi(store, authorize=lambda request, room: None if room == "open" else Refusal(401, "token required"))
     async with HttpServer(api.router(), "127.0.0.1", 0, render_error=json_error) as server:
         assert (await http_get(server.port, "/rooms/open/messages"))[0] == 200
         status, _, body = await http_get(server.port, "/rooms/closed/messages")
         assert status == 401 and json.loads(body) == {"error": "unauthorized", "message": "token required"}
     await store.aclose()
+
+
+SECRET = "s" * 40
+
+
+async def test_jwt_mode_history_needs_the_websocket_token(tmp_path: Path) -> None:
+    config = chat_config("127.0.0.1:1", tmp_path, auth_mode="jwt", jwt_secret=SECRET)
+    store = SqliteStore(tmp_path / "j.db")
+    await store.start()
+    await store.store_batch([record("team-a", "c-1")], 1_700_000_000_000)
+    server = build_http_server(store, config)
+    await server.start()
+    try:
+        port = server.port
+        status, _, body = await http_get(port, "/rooms/team-a/messages")
+        assert status == 401 and json.loads(body)["error"] == "unauthorized"
+        assert (await http_get(port, "/rooms/team-a/messages?token=not.a.jwt"))[0] == 401
+        expired = mint(SECRET, "alice", now=lambda: time.time() - 7200)
+        assert (await http_get(port, f"/rooms/team-a/messages?token={expired}"))[0] == 401
+        assert (await http_get(port, f"/rooms/team-a/messages?token={mint('x' * 40, 'alice')}"))[0] == 401
+        token = mint(SECRET, "alice", rooms=["team-*"])
+        status, _, body = await http_get(port, f"/rooms/team-a/messages?token={token}")
+        assert status == 200 and json.loads(body)["latest_seq"] == 1
+        status, _, body = await http_get(port, "/rooms/other/messages", f"Authorization: Bearer {token}")
+        assert status == 403 and json.loads(body)["error"] == "forbidden"
+        assert (await http_get(port, "/rooms/team-b/messages", f"Authorization: Bearer {token}"))[0] == 200
+        assert (await http_get(port, "/healthz"))[0] == 200  # probes need no token
+    finally:
+        await server.aclose()
+        await store.aclose()
+
+
+def test_jwt_mode_without_a_key_stops_start_up(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="jwt_secret"):
+        ChatService(chat_config("127.0.0.1:1", tmp_path, auth_mode="jwt"), SqliteStore(tmp_path / "k.db"))
 
 
 # ---- two instances: rebalance ---------------------------------------------------------------
