@@ -394,6 +394,8 @@ class GatewayApp:
         pending = self.registry.complete_join(room, conn, writer, sent_up_to, authoritative)
         if pending:
             conn.write_frames(frame_events(pending))
+        if self.registry.fill_requests:
+            self._start_fills()
 
     def _leave_room(self, room_id: str, conn: Connection) -> None:
         if self.registry.leave(room_id, conn):
@@ -416,9 +418,12 @@ class GatewayApp:
                 self._write(delivery)
         self.m_fanout.observe(time.perf_counter() - started)
         if self.registry.fill_requests:
-            for room in self.registry.fill_requests:
-                self.spawn(self._fill(room))
-            self.registry.fill_requests.clear()
+            self._start_fills()
+
+    def _start_fills(self) -> None:
+        for room in self.registry.fill_requests:
+            self.spawn(self._fill(room))
+        self.registry.fill_requests.clear()
 
     def _write(self, delivery: Delivery) -> None:
         buffer = delivery.buffer

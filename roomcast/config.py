@@ -210,7 +210,7 @@ def _validate(config: Any) -> None:
     def bad(name: str, problem: str, fix: str) -> ConfigError:
         return ConfigError(f"setting `{name}` ({env_name(type(config), name)}) {problem}; {fix}")
 
-    for name in ("port", "http_port"):
+    for name in ("port", "http_port", "admin_port"):
         value = getattr(config, name, None)
         if value is not None and not 0 <= value <= 65535:
             raise bad(name, f"is {value}", "use a port from 0 to 65535")

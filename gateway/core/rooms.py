@@ -56,7 +56,7 @@ def frame_events(payloads: list[bytes]) -> bytes:
 
 
 class Room:
-    __slots__ = ("id", "channel", "members", "joining", "catching_up", "last_seq", "known", "filling", "held")
+    __slots__ = ("id", "channel", "members", "joining", "catching_up", "last_seq", "known", "filling", "held", "recheck")
 
     def __init__(self, room_id: str) -> None:
         self.id = room_id
@@ -72,6 +72,8 @@ class Room:
         # While a gap is being filled from history, live events wait in `held`.
         self.filling = False
         self.held: list[tuple[int, bytes]] = []
+        # A check against history was asked for before the position was known.
+        self.recheck = False
 
     def __len__(self) -> int:
         return len(self.members) + len(self.joining) + len(self.catching_up)
@@ -156,17 +158,34 @@ class RoomRegistry:
         pending = [payload for seq, payload in buffered if seq > sent_up_to]
         if pending:
             sent_up_to = max(sent_up_to, buffered[-1][0])
-        if authoritative and not room.known and not (room.members or room.catching_up or room.joining):
-            # The only member sets where this process stands, so a gap right
-            # after the join is seen like any other. (With other joins still in
-            # flight it must not: their history may be older than this one's.)
-            room.last_seq = sent_up_to
-            room.known = True
         if sent_up_to > room.last_seq:
             room.catching_up[member] = (writer, sent_up_to)
         else:
             room.members[member] = writer
+        if authoritative and not room.known and not room.joining:
+            # Every join in flight is done and the process has delivered
+            # nothing yet: it stands at the lowest position any member has
+            # (events above it are still needed by someone), so a gap after
+            # the joins is seen and filled like any other.
+            self._settle_position(room)
         return pending
+
+    def _settle_position(self, room: Room) -> None:
+        floors = [floor for _, floor in room.catching_up.values()]
+        if room.members:
+            floors.append(room.last_seq)
+        room.last_seq = min(floors)
+        room.known = True
+        for member, (writer, floor) in list(room.catching_up.items()):
+            if floor <= room.last_seq:
+                del room.catching_up[member]
+                room.members[member] = writer
+        if room.recheck and not room.filling:
+            # A reconnect happened while the joins were reading history: what
+            # was published before it may be missing, so check now.
+            room.recheck = False
+            room.filling = True
+            self.fill_requests.append(room)
 
     def leave(self, room_id: str, member: Member) -> bool:
         """Remove member from room. True when it was the last local one: UNSUBSCRIBE."""
@@ -185,8 +204,12 @@ class RoomRegistry:
     def set_writer(self, room_id: str, member: Member, writer: Writer) -> None:
         """Swap a live member's writer (e.g. to a checked one while its socket is paused)."""
         room = self.rooms.get(room_id)
-        if room is not None and member in room.members:
+        if room is None:
+            return
+        if member in room.members:
             room.members[member] = writer
+        elif member in room.catching_up:
+            room.catching_up[member] = (writer, room.catching_up[member][1])
 
     # ---- events ------------------------------------------------------------
 
@@ -235,7 +258,10 @@ class RoomRegistry:
         """Hold the room's live events for a fill after its last seq (e.g. after a
         Redis reconnect, when anything may have been missed). Returns that seq, or
         None if a fill is already running or nothing was delivered yet."""
-        if room.filling or not room.known:
+        if room.filling:
+            return None
+        if not room.known:
+            room.recheck = bool(room.joining)  # check once the joins in flight settle the position
             return None
         room.filling = True
         return room.last_seq
