@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--members", type=int, default=1, help="max mode: sockets per room S (for the in-flight window)")
     p.add_argument("--progress-file", help="max mode: the load client's progress file (delivered count)")
     p.add_argument("--window-per-conn", type=int, default=64, help="max mode: deliveries in flight per connection")
+    p.add_argument(
+        "--max-inflight-msgs", type=int, default=30_000,
+        help="max mode: messages in flight at most (~8 MB: under Redis' pubsub output buffer soft limit)",
+    )
     p.add_argument("--batch", type=int, default=2000, help="max mode: messages per pipelined write (upper bound)")
     args = p.parse_args(argv)
 
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         fd = os.open(args.progress_file, os.O_RDONLY)
         mm = mmap.mmap(fd, 8, prot=mmap.PROT_READ)
         unpack = struct.Struct("Q").unpack_from
-        window = args.window_per_conn * conns
+        window = min(args.window_per_conn * conns, args.max_inflight_msgs * args.members)
         members = args.members
         # Whole rounds per write; at least one round even if a round exceeds the batch.
         rounds_per_batch = max(1, args.batch // nrooms)
