@@ -376,10 +376,13 @@ def measure(ctx: Ctx, server: str, rooms: int, members: int, mode: str, run: int
         else:
             pub_argv += ["--members", str(members), "--progress-file", str(progress), "--window-per-conn", str(a.window_per_conn)]
         sampler = CpuSampler({"server": srv.pid, "client": client.pid, "redis": ctx.redis_pid})
-        pub = None
+        pub = spy = None
         try:
             pub = Proc(f"{tag}-publisher", pub_argv, ctx.log_dir)
             sampler.add("publisher", pub.pid)
+            if a.profile and server in ("roomcast", "baseline"):
+                spy = start_profile(ctx, srv.pid, f"{rooms}x{members}-{mode}-{server}-run{run}")
+                result["profiled"] = True
             pub_line = pub.wait_line(lambda l: l.startswith("{"), a.duration + 120)
             pub_info = json.loads(pub_line)
             client.send(f"report {pub_info['per_room']} {int(a.drain_timeout * 1000)}\n")
@@ -389,6 +392,8 @@ def measure(ctx: Ctx, server: str, rooms: int, members: int, mode: str, run: int
             sampler.stop()
             if pub is not None:
                 pub.stop()
+            if spy is not None:
+                result["profile"] = finish_profile(spy)
         rep = json.loads(rep_line)
         t_a = pub_info["t_first_pub_ns"]
         t_b = rep["t_last_recv_ns"] or pub_info["t_end_pub_ns"]
@@ -447,6 +452,61 @@ def measure(ctx: Ctx, server: str, rooms: int, members: int, mode: str, run: int
         with contextlib.suppress(OSError):
             progress.unlink()
     return result
+
+
+def start_profile(ctx: Ctx, pid: int, name: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """py-spy on the server for the publishing time (it slows the server: profiled figures are flagged)."""
+    a = ctx.args
+    out_dir = Path(a.profile)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / f"{name}.txt"
+    argv = [*pin(a.client_core), a.py_spy, "record", "--native", "--idle", "--nolineno", "--format", "raw", "--rate", str(a.profile_rate),
+            "--duration", str(max(1, int(a.duration))), "--pid", str(pid), "-o", str(raw)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(ctx.log_dir / f"{name}.py-spy.log", "ab")), raw
+
+
+def finish_profile(spy: tuple[subprocess.Popen[bytes], Path]) -> dict[str, Any]:
+    proc, raw = spy
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if not raw.exists():
+        return {"error": "py-spy wrote nothing (see the log dir)"}
+    summary = summarize_profile(raw)
+    raw.with_suffix(".summary.txt").write_text(summary["text"])
+    return {"raw": str(raw), "summary": str(raw.with_suffix(".summary.txt")), "top_self": summary["top_self"][:15]}
+
+
+def summarize_profile(raw: Path, top: int = 40) -> dict[str, Any]:
+    """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
+    self_count: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        count = int(n)
+        total += count
+        frames = [f.strip() for f in stack.split(";") if f.strip()]
+        if not frames:
+            continue
+        # frames[0] may be the process/thread name
+        leaf = frames[-1]
+        self_count[leaf] = self_count.get(leaf, 0) + count
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + count
+    def pct(c: int) -> float:
+        return round(100 * c / total, 1) if total else 0.0
+    top_self = [(f, pct(c)) for f, c in sorted(self_count.items(), key=lambda kv: -kv[1])[:top]]
+    top_incl = [(f, pct(c)) for f, c in sorted(incl.items(), key=lambda kv: -kv[1])[:top]]
+    text = [f"samples: {total}", "", "self (leaf frame) %:"]
+    text += [f"  {p:5.1f}  {f}" for f, p in top_self]
+    text += ["", "inclusive %:"]
+    text += [f"  {p:5.1f}  {f}" for f, p in top_incl]
+    return {"total": total, "top_self": top_self, "top_incl": top_incl, "text": "\n".join(text) + "\n"}
 
 
 def measure_ceiling(ctx: Ctx, rooms: int, members: int, batch: int, run: int) -> dict[str, Any]:
@@ -778,8 +838,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-servers", default="roomcast,baseline", help="servers for the idle mode")
     p.add_argument("--server-core", type=int, default=0)
     p.add_argument("--client-core", type=int, default=1, help="load client, publisher and redis-server")
-    p.add_argument("--out", default="bench-fanout-results.json", help="JSON results file")
+    p.add_argument("--out", default=str(HERE / "results" / "latest.json"), help="JSON results file")
     p.add_argument("--log-dir", help="process logs (default: a temp dir)")
+    p.add_argument("--profile", metavar="DIR", help="py-spy --native each roomcast/baseline measurement into DIR (slows the server; figures flagged)")
+    p.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy", help="the py-spy binary (pip install py-spy)")
+    p.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--smoke", action="store_true", help="tiny and fast (~10 s): 2x5 cell, 1 run, roomcast and baseline, no ceiling/idle")
     p.add_argument("--no-lock", action="store_true", help=f"do not take {LOCK_PATH} (only when something else serializes runs)")
     return p
@@ -870,6 +933,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if lock_file is not None:
             lock_file.close()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(report["table"])
     print(f"\nJSON: {args.out}; logs: {report['log_dir']}")
