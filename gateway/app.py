@@ -394,13 +394,21 @@ class GatewayApp:
         pending = self.registry.complete_join(room, conn, writer, sent_up_to, authoritative)
         if pending:
             conn.write_frames(frame_events(pending))
-        if self.registry.fill_requests:
-            self._start_fills()
+        self._drain_registry()
 
     def _leave_room(self, room_id: str, conn: Connection) -> None:
         if self.registry.leave(room_id, conn):
             self.subscriptions.pop(room_id, None)
             self.subscriber.unsubscribe((ROOM_CHANNEL_PREFIX + room_id).encode())
+        else:
+            self._drain_registry()
+
+    def _drain_registry(self) -> None:
+        """Carry out what the registry queued: released deliveries, fill requests."""
+        while self.registry.released:
+            self._write(self.registry.released.pop(0))
+        if self.registry.fill_requests:
+            self._start_fills()
 
     # ---- fan-out ------------------------------------------------------------------------
 

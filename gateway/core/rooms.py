@@ -56,7 +56,7 @@ def frame_events(payloads: list[bytes]) -> bytes:
 
 
 class Room:
-    __slots__ = ("id", "channel", "members", "joining", "catching_up", "last_seq", "known", "filling", "held", "recheck")
+    __slots__ = ("id", "channel", "members", "joining", "catching_up", "last_seq", "known", "filling", "held", "recheck", "authoritative")
 
     def __init__(self, room_id: str) -> None:
         self.id = room_id
@@ -74,6 +74,8 @@ class Room:
         self.held: list[tuple[int, bytes]] = []
         # A check against history was asked for before the position was known.
         self.recheck = False
+        # Some completed join read its position from history.
+        self.authoritative = False
 
     def __len__(self) -> int:
         return len(self.members) + len(self.joining) + len(self.catching_up)
@@ -124,6 +126,8 @@ class RoomRegistry:
         self.fill_gaps = fill_gaps
         # Rooms whose gap the adapter must fill: drained by the adapter.
         self.fill_requests: list[Room] = []
+        # Deliveries that complete_join released (held events): written by the adapter.
+        self.released: list[Delivery] = []
 
     # ---- membership ------------------------------------------------------
 
@@ -162,13 +166,27 @@ class RoomRegistry:
             room.catching_up[member] = (writer, sent_up_to)
         else:
             room.members[member] = writer
-        if authoritative and not room.known and not room.joining:
-            # Every join in flight is done and the process has delivered
-            # nothing yet: it stands at the lowest position any member has
-            # (events above it are still needed by someone), so a gap after
-            # the joins is seen and filled like any other.
-            self._settle_position(room)
+        room.authoritative = room.authoritative or authoritative
+        if not room.known and not room.joining:
+            self._joins_settled(room)
         return pending
+
+    def _joins_settled(self, room: Room) -> None:
+        """The last join in flight of a room with no position ended (completed or left)."""
+        if not (room.members or room.catching_up):
+            return
+        if room.authoritative:
+            # The process has delivered nothing yet: it stands at the lowest
+            # position any member has (events above it are still needed by
+            # someone), so a gap after the joins is seen and filled like any other.
+            self._settle_position(room)
+        if room.held and not room.filling:
+            # Events that came while only joins were in flight, now that there
+            # is a position to check them against.
+            held, room.held = room.held, []
+            delivery = self.deliver(room, [payload for _, payload in held])
+            if delivery is not None:
+                self.released.append(delivery)
 
     def _settle_position(self, room: Room) -> None:
         floors = [floor for _, floor in room.catching_up.values()]
@@ -193,12 +211,14 @@ class RoomRegistry:
         if room is None:
             return False
         room.members.pop(member, None)
-        room.joining.pop(member, None)
+        was_joining = room.joining.pop(member, None) is not None
         room.catching_up.pop(member, None)
         if len(room) == 0:
             del self.rooms[room_id]
             del self.by_channel[room.channel]
             return True
+        if was_joining and not room.known and not room.joining:
+            self._joins_settled(room)
         return False
 
     def set_writer(self, room_id: str, member: Member, writer: Writer) -> None:
@@ -225,7 +245,12 @@ class RoomRegistry:
         accepted: list[bytes] = []
         seqs: list[int] = []
         stats = self.stats
-        holding = room.filling
+        # With joins in flight and no position yet, nothing is delivered: the
+        # events wait until the joins say where the room stands (unless the
+        # room has live members and no history to settle it: then it goes on).
+        holding = room.filling or (
+            not known and bool(room.joining) and (room.authoritative or not (room.members or room.catching_up))
+        )
         for payload in payloads:
             try:
                 seq = decode_event_seq(payload)

@@ -75,6 +75,16 @@ def write_out(delivery: Delivery | None) -> None:
         write(data)
 
 
+def finish_join(registry: RoomRegistry, room, member, sink: Sink, sent_up_to: int, authoritative: bool = False) -> None:
+    """What the adapter does after `joined` and the replay: write the pending
+    events to the member, then every delivery the registry released."""
+    pending = registry.complete_join(room, member, sink, sent_up_to, authoritative)
+    if pending:
+        sink(frame_events(pending))
+    while registry.released:
+        write_out(registry.released.pop(0))
+
+
 def live_member(registry: RoomRegistry, room_id: str, member, sent_up_to: int = 0, authoritative: bool = False) -> Sink:
     room, _ = registry.begin_join(room_id, member)
     sink = Sink()
@@ -356,30 +366,62 @@ def test_every_live_member_gets_the_same_bytes_object():
 def test_joining_member_gets_nothing_until_complete_join():
     registry = RoomRegistry()
     room, _ = registry.begin_join("r1", "m1")
-    delivery = registry.deliver(room, [ev(1), ev(2)])
-    assert room.members == {} and delivery.extra == []
+    assert registry.deliver(room, [ev(1), ev(2)]) is None
+    assert room.members == {}
+    # With only joins in flight the room has no position yet: its events wait for one.
+    assert room.held == [(1, ev(1)), (2, ev(2))]
+
+
+def test_joining_member_of_a_room_with_live_members_gets_a_buffer():
+    registry = RoomRegistry()
+    live_member(registry, "r1", "m0")
+    room, _ = registry.begin_join("r1", "m1")
+    write_out(registry.deliver(room, [ev(1), ev(2)]))
     assert room.joining["m1"] == [(1, ev(1)), (2, ev(2))]
 
 
 def test_complete_join_returns_buffered_events_above_sent_up_to_in_order():
     registry = RoomRegistry()
+    live_member(registry, "r1", "m0")
+    room, _ = registry.begin_join("r1", "m1")
+    write_out(registry.deliver(room, [ev(1), ev(2)]))
+    write_out(registry.deliver(room, [ev(3), ev(4)]))
+    sink = Sink()
+    assert registry.complete_join(room, "m1", sink, sent_up_to=2) == [ev(3), ev(4)]
+    assert room.members["m1"] is sink
+    assert "m1" not in room.joining
+
+
+def test_events_held_before_a_fresh_room_has_a_position_go_out_above_the_joiners_history():
+    registry = RoomRegistry()
     room, _ = registry.begin_join("r1", "m1")
     registry.deliver(room, [ev(5), ev(6)])
     registry.deliver(room, [ev(7), ev(8)])
     sink = Sink()
-    assert registry.complete_join(room, "m1", sink, sent_up_to=6) == [ev(7), ev(8)]
-    assert room.members == {"m1": sink}
-    assert "m1" not in room.joining
+    finish_join(registry, room, "m1", sink, sent_up_to=6, authoritative=True)
+    assert sink.seqs == [7, 8]
+    assert room.members == {"m1": sink} and room.known and room.last_seq == 8
 
 
-def test_complete_join_returns_nothing_when_history_covered_the_buffer():
+def test_complete_join_writes_nothing_when_history_covered_the_held_events():
     registry = RoomRegistry()
     room, _ = registry.begin_join("r1", "m1")
     registry.deliver(room, [ev(5), ev(6)])
     sink = Sink()
-    assert registry.complete_join(room, "m1", sink, sent_up_to=6) == []
+    finish_join(registry, room, "m1", sink, sent_up_to=6, authoritative=True)
+    assert sink.seqs == []
     assert room.members == {"m1": sink}
 
+
+def test_a_gap_between_a_joiners_history_and_the_held_events_is_filled():
+    registry = RoomRegistry(fill_gaps=True)
+    room, _ = registry.begin_join("r1", "m1")
+    registry.deliver(room, [ev(8)])  # 7 was published before the SUBSCRIBE took
+    sink = Sink()
+    finish_join(registry, room, "m1", sink, sent_up_to=6, authoritative=True)
+    assert registry.fill_requests == [room]
+    write_out(registry.finish_fill(room, [(7, ev(7)), (8, ev(8))]))
+    assert sink.seqs == [7, 8]
 
 def test_complete_join_at_the_rooms_last_seq_makes_the_member_live():
     registry = RoomRegistry()
@@ -392,13 +434,12 @@ def test_complete_join_at_the_rooms_last_seq_makes_the_member_live():
     assert sink.seqs == [4]
 
 
-def test_complete_join_behind_the_buffer_sends_the_buffer_and_goes_live():
+def test_complete_join_behind_the_held_events_sends_them_and_goes_live():
     registry = RoomRegistry()
     room, _ = registry.begin_join("r1", "m1")
     registry.deliver(room, [ev(1), ev(2), ev(3)])
     sink = Sink()
-    pending = registry.complete_join(room, "m1", sink, sent_up_to=0)
-    sink(frame_events(pending))
+    finish_join(registry, room, "m1", sink, sent_up_to=0)
     assert room.members == {"m1": sink}
     write_out(registry.deliver(room, [ev(3), ev(4)]))
     assert sink.seqs == [1, 2, 3, 4]
@@ -436,10 +477,11 @@ def test_complete_join_of_a_live_member_changes_nothing():
 
 def test_each_joining_member_gets_its_own_buffer():
     registry = RoomRegistry()
+    live_member(registry, "r1", "m0")
     room, _ = registry.begin_join("r1", "m1")
-    registry.deliver(room, [ev(1)])
+    write_out(registry.deliver(room, [ev(1)]))
     registry.begin_join("r1", "m2")
-    registry.deliver(room, [ev(2)])
+    write_out(registry.deliver(room, [ev(2)]))
     assert registry.complete_join(room, "m1", Sink(), 0) == [ev(1), ev(2)]
     assert registry.complete_join(room, "m2", Sink(), 0) == [ev(2)]
 
@@ -550,9 +592,7 @@ def test_concurrent_joins_of_a_fresh_room_lose_nothing_whichever_completes_first
     s1, s2 = Sink(), Sink()
     registry.complete_join(room, "m1", s1, sent_up_to=11, authoritative=True)
     write_out(registry.deliver(room, [ev(11)]))  # 11 reaches Redis after both SUBSCRIBEs
-    pending = registry.complete_join(room, "m2", s2, sent_up_to=10, authoritative=True)
-    if pending:
-        s2(frame_events(pending))
+    finish_join(registry, room, "m2", s2, sent_up_to=10, authoritative=True)
     write_out(registry.deliver(room, [ev(12)]))
     assert s1.seqs == [12]
     assert s2.seqs == [11, 12]
@@ -832,6 +872,8 @@ def test_every_member_gets_each_seq_at_most_once_in_increasing_order(fill_gaps, 
                 ms.floor = sent_up_to
                 if pending:
                     ms.sink(frame_events(pending))  # the caller writes them right away
+                while registry.released:  # held events, released now that the room has a position
+                    record(r, registry.released.pop(0))
             else:
                 room = registry.rooms.get(r) or (ms.room if ms else None)
                 if room is not None:
@@ -846,6 +888,8 @@ def test_every_member_gets_each_seq_at_most_once_in_increasing_order(fill_gaps, 
                 finished.append(ms)
             others = any(key[1] == r for key in current)
             assert registry.leave(r, m) == (ms is not None and not others)
+            while registry.released:  # a leave can settle the position too
+                record(r, registry.released.pop(0))
             if not others:
                 assert r not in registry.rooms
                 last_accepted[r] = 0  # a new Room starts with nothing delivered
@@ -972,6 +1016,8 @@ class RealisticRun:
             if m in self.members:
                 self.left.append(self.members.pop(m))
             self.registry.leave("r1", m)
+            while self.registry.released:
+                write_out(self.registry.released.pop(0))
         elif kind == "outage":
             self.down = True
         elif kind == "reconnect":
@@ -989,9 +1035,7 @@ class RealisticRun:
         room, stored_at_begin = self.joins.pop(m)
         sent_up_to = stored_at_begin + (self.stored - stored_at_begin) * quarter // 4
         sink = Sink()
-        pending = self.registry.complete_join(room, m, sink, sent_up_to, authoritative=True)
-        if pending:
-            sink(frame_events(pending))
+        finish_join(self.registry, room, m, sink, sent_up_to, authoritative=True)
         self.members[m] = (sink, sent_up_to)
 
     def settle(self) -> None:
