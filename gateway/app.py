@@ -20,7 +20,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
 
-from gateway.adapters.framed import EchoListener
+from gateway.adapters.framed import EchoListener, make_server_kwargs
 from gateway.adapters.history import HistoryClient, HistoryUnavailable
 from gateway.adapters.kafka import CreatedRelay, IngestProducer
 from gateway.adapters.redis_cluster import ClusterSubscriber
@@ -142,14 +142,14 @@ class GatewayApp:
             self.config.port,
             reuse_port=True,
             websocket_handshake_timeout=5,
-            enable_auto_pong=False,  # the frame layer answers pings (RFC 6455 5.5.2)
             enable_auto_ping=True,
             auto_ping_idle_timeout=self.config.ping_interval_s,
             auto_ping_reply_timeout=min(self.config.ping_timeout_s, self.config.ping_interval_s),
-            # picows itself closes with 1009 on a frame over the limit before
-            # reading it; the layer enforces the limit on fragmented messages.
-            max_frame_size=max(self.config.max_frame_bytes, 64 * 1024 * 1024 if self.config.test_echo_route else 0),
             read_buffer_init_size=2048,
+            # The frame layer answers pings and enforces the size limit (1009)
+            # on whole messages; picows refuses frames far over it from the
+            # header alone, before buffering them.
+            **make_server_kwargs(self.config.max_frame_bytes),
         )
         self.port = self.server.sockets[0].getsockname()[1]
         log.info("gateway worker %s listening on %s:%d", self.name, self.config.host, self.port)
@@ -241,7 +241,7 @@ class GatewayApp:
         if path == "/readyz":
             return _plain(200, b"ready\n") if self.ready else _plain(503, b"not ready\n")
         if path == "/echo" and self.config.test_echo_route:
-            return EchoListener(64 * 1024 * 1024)
+            return EchoListener(self.config.max_frame_bytes)
         return _plain(404, b"not found; the WebSocket endpoint is /ws\n")
 
     def _accept(self, request: WSUpgradeRequest, query: str) -> object:

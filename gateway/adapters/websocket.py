@@ -53,6 +53,7 @@ class Connection(FramedListener):
     # ---- picows callbacks ----------------------------------------------------
 
     def on_ws_connected(self, transport: WSTransport) -> None:
+        super().on_ws_connected(transport)  # the frame layer's read splitter
         self.transport = transport
         underlying = transport.underlying_transport
         # Pre-framed fan-out bytes go straight to the socket: picows' own sends

@@ -1,17 +1,15 @@
 """Autobahn conformance of the WebSocket layer, driven by kosoku.
 
-A picows server serving ``EchoListener`` (gateway.adapters.framed) runs on a
-free port in a thread, under plain asyncio and under uvloop; ``kosoku`` runs
-Autobahn's case files against it as a subprocess. Every case of sections 1-7
+The real gateway runs with its ``/echo`` test route (``test_echo_route``:
+``EchoListener``, the same frame layer and limits as ``/ws``) on a free port
+in a thread, under plain asyncio and under uvloop; ``kosoku`` runs Autobahn's
+case files against it as a subprocess. Every case of sections 1-7
 and 10 must pass (OK, NON-STRICT or INFORMATIONAL, as Autobahn grades);
 sections 9 (performance), 12 and 13 (compression) are not run.
 
 A few raw-socket tests follow, each pinned on a case whose outcome under
 kosoku depends on how TCP happens to batch the frames: they put the frames
 in one write, so the server sees them in one read every time.
-
-To run the same suite against the real gateway, change ``echo_url`` only:
-start the gateway with its ``/echo`` test endpoint and yield its URL.
 """
 
 from __future__ import annotations
@@ -32,11 +30,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import picows
 import pytest
 import uvloop
 
-from gateway.adapters.framed import DEFAULT_MAX_MESSAGE_BYTES, EchoListener, make_server_kwargs
+from gateway.adapters.framed import DEFAULT_MAX_MESSAGE_BYTES
+from gateway.app import GatewayApp
+from roomcast.config import GatewayConfig
 from tests.support import scaled
 
 # Autobahn sections run: 1 framing, 2 pings/pongs, 3 reserved bits,
@@ -52,34 +51,36 @@ INSTALL_HINT = "kosoku is not installed in this environment: pip install kosoku 
 # -- the server under test ------------------------------------------------------
 
 
-class EchoServerThread:
-    """A picows server serving EchoListener on 127.0.0.1:<free port>, with
-    its own event loop in a thread, so the test can block on kosoku."""
+class GatewayThread:
+    """The real gateway (`GatewayApp` with its /echo test route) on 127.0.0.1:<free
+    port>, with its own event loop in a thread, so the test can block on kosoku.
+    /echo runs through the same frame layer and limits as /ws."""
 
-    def __init__(self, loop_kind: str) -> None:
+    def __init__(self, loop_kind: str, redis_url: str) -> None:
         self._run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+        self._redis_url = redis_url
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
         self.port = 0
-        self._thread = threading.Thread(target=self._main, name=f"echo-server-{loop_kind}", daemon=True)
+        self._thread = threading.Thread(target=self._main, name=f"gateway-{loop_kind}", daemon=True)
 
-    def __enter__(self) -> EchoServerThread:
+    def __enter__(self) -> GatewayThread:
         self._thread.start()
         if not self._ready.wait(scaled(10)):
-            raise RuntimeError("echo server did not start within 10 s")
+            raise RuntimeError("gateway did not start within 10 s")
         if self._error is not None:
-            raise RuntimeError("echo server failed to start") from self._error
+            raise RuntimeError("gateway failed to start") from self._error
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set_result, None)
-        self._thread.join(scaled(10))
-        assert not self._thread.is_alive(), "echo server thread did not stop"
+        self._thread.join(scaled(20))
+        assert not self._thread.is_alive(), "gateway thread did not stop"
         if self._error is not None:
-            raise RuntimeError("echo server failed") from self._error
+            raise RuntimeError("gateway failed") from self._error
 
     def _main(self) -> None:
         try:
@@ -92,27 +93,41 @@ class EchoServerThread:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = self._loop.create_future()
-        server = await picows.ws_create_server(
-            lambda request: EchoListener(), "127.0.0.1", 0, **make_server_kwargs(DEFAULT_MAX_MESSAGE_BYTES)
+        config = GatewayConfig(
+            host="127.0.0.1", port=0, admin_port=0, redis_url=self._redis_url,
+            max_frame_bytes=DEFAULT_MAX_MESSAGE_BYTES, test_echo_route=True,
         )
-        self.port = server.sockets[0].getsockname()[1]
+        app = GatewayApp(config)
+        await app.start()
+        self.port = app.port
         self._ready.set()
         try:
             await self._stop
         finally:
-            server.close()
-            await server.wait_closed()
+            await app.drain()
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
-def echo_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """ws:// URL of an endpoint that serves EchoListener, any path.
-
-    Swap point for the real gateway: start it here with its /echo test flag
-    and yield ``f"ws://127.0.0.1:{port}/echo"``.
-    """
-    with EchoServerThread(request.param) as server:
+def echo_url(request: pytest.FixtureRequest, redis_url: str) -> Iterator[str]:
+    """ws:// URL of the real gateway's /echo route (enabled by its test flag)."""
+    with GatewayThread(request.param, redis_url) as server:
         yield f"ws://127.0.0.1:{server.port}/echo"
+
+
+def test_echo_route_exists_only_behind_the_test_flag(redis_url: str) -> None:
+    async def main() -> int:
+        app = GatewayApp(GatewayConfig(host="127.0.0.1", port=0, admin_port=0, redis_url=redis_url))
+        await app.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+            writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            status = int((await reader.readline()).split()[1])
+            writer.close()
+            return status
+        finally:
+            await app.drain()
+
+    assert asyncio.run(main()) == 404
 
 
 # -- Autobahn via kosoku -----------------------------------------------------------
