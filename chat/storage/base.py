@@ -1,7 +1,8 @@
 """The message store: the one interface every storage backend implements.
 
-A backend (sqlite.py now, postgres.py next) must keep these guarantees, which
-the shared conformance suite in tests/integration/test_store_sqlite.py checks:
+A backend (sqlite.py, postgres.py) must keep these guarantees, which the
+shared conformance suite in tests/integration/test_store_conformance.py checks
+over every backend:
 
 - Per room, `seq` is 1, 2, 3 ... with no gap and no reuse (PROTOCOL.md 3),
   also when two chat instances briefly both handle a room during a consumer
@@ -10,7 +11,8 @@ the shared conformance suite in tests/integration/test_store_sqlite.py checks:
   IMMEDIATE`; Postgres: `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` on the
   rooms row, or `SELECT ... FOR UPDATE`), and the schema backs it with
   UNIQUE(room, seq) and UNIQUE(room, user, client_msg_id), so a lost race is an
-  error and a retry, never a gap or a double.
+  error and a retry, never a gap or a double. The store retries such a batch
+  itself and counts it (`statistics().seq_conflicts`, `dedupe_conflicts`).
 - A record whose (room, user, client_msg_id) is already stored is not stored
   again: the stored event comes back with `created=False` (also for a repeat
   inside one batch). The same client_msg_id from another user or room is a
@@ -19,10 +21,15 @@ the shared conformance suite in tests/integration/test_store_sqlite.py checks:
 - The room's latest seq survives retention: pruning old messages never lets
   a seq be reused.
 
-Retention: `Retention` is the data a future policy needs (how many messages
-or how much time to keep per room); backends store each message's `ts` and
-each room's oldest retained seq, and `prune` is the mechanism. Dedupe covers
-the retained messages only.
+Retention: a store is opened with a `Retention` (how many messages and how
+much time to keep per room). `store_batch` keeps each room it writes within
+the message count in the same transaction (so a busy room never holds more
+than the count, and no extra commit is paid); `enforce_retention(now_ms)`,
+called periodically, drops what is older than the age limit and applies the
+count to every room (for rooms idle since the limit was lowered). `prune` is
+the mechanism under both. A room's retained messages are always the
+contiguous range oldest_seq..latest_seq, so `HistoryPage.oldest_seq` tells a
+reader exactly what is gone. Dedupe covers the retained messages only.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ __all__ = [
     "MessageStore",
     "Retention",
     "StoreError",
+    "StoreStatistics",
     "StoredMessage",
 ]
 
@@ -89,11 +97,46 @@ class HistoryPage:
 class Retention:
     """How much history to keep per room; None means no limit on that axis.
 
-    Not enforced yet: a sweeper will turn it into `prune(room, keep_from_seq=...)`.
+    `keep_messages`: the newest this many messages of a room are kept.
+    `keep_ms`: messages whose `ts` is older than `now_ms - keep_ms` go at the
+    next `enforce_retention(now_ms)`. Raises ValueError for a value below 1.
     """
 
     keep_messages: int | None = None
     keep_ms: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("keep_messages", "keep_ms"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"Retention.{name} must be 1 or more, or None for no limit; not {value}")
+
+    def keep_from_seq(self, latest_seq: int) -> int:
+        """The lowest seq the message count keeps in a room whose last seq is latest_seq (1 if no count limit)."""
+        if self.keep_messages is None:
+            return 1
+        return max(1, latest_seq - self.keep_messages + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatistics:
+    """A snapshot of a store's counters since it was opened (feeds /metrics and tests).
+
+    `seq_conflicts`: batches that hit UNIQUE(room, seq), i.e. two writers
+    assigned the same seq; the locking should make this 0, so any is a bug or
+    a writer that bypasses it. `dedupe_conflicts`: batches that hit
+    UNIQUE(room, user, client_msg_id) because another writer stored the same
+    post between this batch's dedupe check and its insert (two instances
+    during a rebalance). Both are retried by the store. `pruned`: messages
+    deleted by retention or `prune`.
+    """
+
+    batches: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    pruned: int = 0
+    seq_conflicts: int = 0
+    dedupe_conflicts: int = 0
 
 
 @runtime_checkable
@@ -119,8 +162,11 @@ class MessageStore(Protocol):
         Records are assigned seqs in the order given (per room), with `ts =
         now_ms` and a fresh ULID id. A repeat of a stored (room, user,
         client_msg_id) gives back the stored event with created=False. The
-        records must already have passed `chat.core.validation`. Raises
-        StoreError, and then nothing of the batch is stored.
+        records must already have passed `chat.core.validation`. The rooms
+        written are kept within the retention's message count in the same
+        transaction. A write conflict with another writer (see StoreStatistics)
+        is retried here a few times. Raises StoreError, and then nothing of the
+        batch is stored.
         """
         ...
 
@@ -142,4 +188,18 @@ class MessageStore(Protocol):
         The room's latest seq is unchanged, so seqs are never reused; its
         oldest retained seq moves up to keep_from_seq (at most latest_seq + 1).
         """
+        ...
+
+    async def enforce_retention(self, now_ms: int) -> int:
+        """Apply the store's Retention to every room; return how many messages went.
+
+        Drops messages with ts < now_ms - keep_ms, together with every older
+        seq of their room (so retained seqs stay contiguous even if writers'
+        clocks disagree), and each room's messages beyond keep_messages. Call
+        it periodically; a no-op returning 0 without limits. Raises StoreError.
+        """
+        ...
+
+    def statistics(self) -> StoreStatistics:
+        """The counters since start (never raises; also after aclose)."""
         ...

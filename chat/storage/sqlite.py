@@ -12,11 +12,15 @@ Seq safety (see base.py): every write transaction is `BEGIN IMMEDIATE`, which
 takes SQLite's single write lock before reading the room's last seq, so two
 processes sharing the file serialise; UNIQUE(room, seq) and UNIQUE(room,
 user_id, client_msg_id) back it up.
+
+Retention (see base.py): the message count is applied inside the batch's
+transaction (no second fsync per batch), the age limit by enforce_retention.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -25,10 +29,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from chat.core.ids import UlidGenerator
-from chat.storage.base import HISTORY_MAX_LIMIT, HistoryPage, StoredMessage, StoreError
+from chat.storage.base import HISTORY_MAX_LIMIT, HistoryPage, Retention, StoredMessage, StoreError, StoreStatistics
 from roomcast.wire.events import IngestRecord, MessageEvent
 
 __all__ = ["SqliteStore"]
+
+log = logging.getLogger("roomcast.chat.store")
 
 T = TypeVar("T")
 
@@ -53,7 +59,15 @@ _SCHEMA = (
         PRIMARY KEY (room, seq)
     ) WITHOUT ROWID""",
     "CREATE UNIQUE INDEX IF NOT EXISTS messages_dedupe ON messages (room, user_id, client_msg_id)",
+    # The age sweep finds expired messages without scanning every room.
+    "CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts)",
 )
+# A unique violation under BEGIN IMMEDIATE means a writer that bypassed the
+# lock; retried a few times, then the batch fails (the pipeline retries it).
+_CONFLICT_ATTEMPTS = 3
+# Rooms pruned per write transaction by enforce_retention, so a large sweep
+# never holds the write lock for long.
+_SWEEP_CHUNK_ROOMS = 500
 
 _FIND_DUPLICATE = "SELECT id, seq, body, ts FROM messages WHERE room = ? AND user_id = ? AND client_msg_id = ?"
 _ROOM_LATEST = "SELECT latest_seq FROM rooms WHERE room = ?"
@@ -61,9 +75,12 @@ _INSERT_MESSAGE = (
     "INSERT INTO messages (room, seq, id, user_id, body, client_msg_id, ts) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _UPSERT_ROOM = (
-    "INSERT INTO rooms (room, latest_seq, oldest_seq) VALUES (?, ?, 1) "
-    "ON CONFLICT (room) DO UPDATE SET latest_seq = excluded.latest_seq"
+    "INSERT INTO rooms (room, latest_seq, oldest_seq) VALUES (?, ?, ?) "
+    "ON CONFLICT (room) DO UPDATE SET latest_seq = excluded.latest_seq, oldest_seq = excluded.oldest_seq"
 )
+_DELETE_BEFORE = "DELETE FROM messages WHERE room = ? AND seq < ?"
+_EXPIRED = "SELECT room, max(seq) + 1 FROM messages WHERE ts < ? GROUP BY room"
+_OVER_COUNT = "SELECT room, latest_seq FROM rooms WHERE latest_seq - oldest_seq + 1 > ?"
 _ROOM_BOUNDS = "SELECT latest_seq, oldest_seq FROM rooms WHERE room = ?"
 _HISTORY = (
     "SELECT id, seq, user_id, body, client_msg_id, ts FROM messages "
@@ -74,15 +91,19 @@ _HISTORY = (
 class SqliteStore:
     """A MessageStore over one SQLite file (chat.storage.base documents the contract).
 
-    `path` is a file path; its directory must exist. Usable as `async with`.
-    Raises ValueError for an in-memory path.
+    `path` is a file path; its directory must exist. `retention` is applied by
+    store_batch and enforce_retention. Usable as `async with`. Raises
+    ValueError for an in-memory path.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, retention: Retention = Retention(), busy_timeout_ms: int = 5000
+    ) -> None:
         if str(path) in ("", ":memory:") or str(path).startswith("file:"):
             # The reader and the writer are two connections: they must share one file.
             raise ValueError(f"SQLite store needs a file path, not {str(path)!r}")
         self.path = Path(path)
+        self.retention = retention
         self._busy_timeout_ms = busy_timeout_ms
         self._ids = UlidGenerator()  # used on the writer thread only
         self._writer_pool: ThreadPoolExecutor | None = None
@@ -90,6 +111,14 @@ class SqliteStore:
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._closed = False
+        # Counters, written on the writer thread only.
+        self._batches = self._stored = self._duplicates = self._pruned = 0
+        self._seq_conflicts = self._dedupe_conflicts = 0
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(
+            self._batches, self._stored, self._duplicates, self._pruned, self._seq_conflicts, self._dedupe_conflicts
+        )
 
     async def __aenter__(self) -> SqliteStore:
         await self.start()
@@ -168,12 +197,36 @@ class SqliteStore:
         """See MessageStore.store_batch. Raises StoreError; then nothing of the batch is stored."""
         if not records:
             return []
-        return await self._on(self._writer_pool, self._store_batch, list(records), now_ms)
+        return await self._on(self._writer_pool, self._store_batch_retrying, list(records), now_ms)
+
+    def _store_batch_retrying(self, records: list[IngestRecord], now_ms: int) -> list[StoredMessage]:
+        for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
+            try:
+                out = self._store_batch(records, now_ms)
+            except sqlite3.IntegrityError as exc:
+                # "UNIQUE constraint failed: messages.room, messages.seq" (or the dedupe columns).
+                if "messages.seq" in str(exc):
+                    self._seq_conflicts += 1
+                elif "messages.client_msg_id" in str(exc):
+                    self._dedupe_conflicts += 1
+                else:
+                    raise
+                if attempt == _CONFLICT_ATTEMPTS:
+                    raise
+                log.warning("batch of %d records hit a write conflict (%s); retrying", len(records), exc)
+                continue
+            self._batches += 1
+            created = sum(1 for s in out if s.created)
+            self._stored += created
+            self._duplicates += len(out) - created
+            return out
+        raise AssertionError("unreachable")
 
     def _store_batch(self, records: list[IngestRecord], now_ms: int) -> list[StoredMessage]:
         con = self._connection(self._writer)
         out: list[StoredMessage] = []
         latest: dict[str, int] = {}
+        oldest: dict[str, int] = {}
         seen: dict[tuple[str, str, str], MessageEvent] = {}
         rows: list[tuple[str, int, str, str, str, str, int]] = []
         con.execute("BEGIN IMMEDIATE")
@@ -192,8 +245,8 @@ class SqliteStore:
                     continue
                 last = latest.get(record.room)
                 if last is None:
-                    row = con.execute(_ROOM_LATEST, (record.room,)).fetchone()
-                    last = row[0] if row is not None else 0
+                    row = con.execute(_ROOM_BOUNDS, (record.room,)).fetchone()
+                    last, oldest[record.room] = row if row is not None else (0, 1)
                 seq = last + 1
                 latest[record.room] = seq
                 event = MessageEvent(
@@ -202,13 +255,23 @@ class SqliteStore:
                 seen[key] = event
                 rows.append((record.room, seq, event.id, record.user, record.body, record.client_msg_id, now_ms))
                 out.append(StoredMessage(event, True))
+            pruned = 0
             if rows:
-                con.executemany(_INSERT_MESSAGE, rows)
-                con.executemany(_UPSERT_ROOM, latest.items())
+                # The message count, applied in this transaction: rows it would
+                # drop at once are not inserted at all.
+                keep_from = {room: max(oldest[room], self.retention.keep_from_seq(last)) for room, last in latest.items()}
+                kept = [row for row in rows if row[1] >= keep_from[row[0]]]
+                pruned = len(rows) - len(kept)
+                con.executemany(_INSERT_MESSAGE, kept)
+                for room, first_kept in keep_from.items():
+                    if first_kept > oldest[room]:
+                        pruned += con.execute(_DELETE_BEFORE, (room, first_kept)).rowcount
+                con.executemany(_UPSERT_ROOM, [(room, last, keep_from[room]) for room, last in latest.items()])
             con.execute("COMMIT")
         except BaseException:
             _rollback(con)
             raise
+        self._pruned += pruned
         return out
 
     async def prune(self, room: str, *, keep_from_seq: int) -> int:
@@ -216,22 +279,52 @@ class SqliteStore:
         return await self._on(self._writer_pool, self._prune, room, keep_from_seq)
 
     def _prune(self, room: str, keep_from_seq: int) -> int:
+        return self._prune_rooms({room: keep_from_seq})
+
+    def _prune_rooms(self, keep_from: dict[str, int]) -> int:
+        """Prune each room below its keep_from seq, in one write transaction."""
         con = self._connection(self._writer)
+        deleted = 0
         con.execute("BEGIN IMMEDIATE")
         try:
-            row = con.execute(_ROOM_BOUNDS, (room,)).fetchone()
-            deleted = 0
-            if row is not None:
+            for room, keep_from_seq in keep_from.items():
+                row = con.execute(_ROOM_BOUNDS, (room,)).fetchone()
+                if row is None:
+                    continue
                 latest, oldest = row
                 new_oldest = min(keep_from_seq, latest + 1)
                 if new_oldest > oldest:
-                    deleted = con.execute("DELETE FROM messages WHERE room = ? AND seq < ?", (room, new_oldest)).rowcount
+                    deleted += con.execute(_DELETE_BEFORE, (room, new_oldest)).rowcount
                     con.execute("UPDATE rooms SET oldest_seq = ? WHERE room = ?", (new_oldest, room))
             con.execute("COMMIT")
         except BaseException:
             _rollback(con)
             raise
+        self._pruned += deleted
         return deleted
+
+    async def enforce_retention(self, now_ms: int) -> int:
+        """See MessageStore.enforce_retention. Raises StoreError."""
+        self._connection(self._writer)  # raises when closed, also without limits
+        if self.retention.keep_ms is None and self.retention.keep_messages is None:
+            return 0
+        return await self._on(self._writer_pool, self._enforce_retention, now_ms)
+
+    def _enforce_retention(self, now_ms: int) -> int:
+        con = self._connection(self._writer)
+        keep_from: dict[str, int] = {}
+        # Read outside the write lock; _prune_rooms re-reads each room's bounds under it.
+        if self.retention.keep_ms is not None:
+            for room, first_kept in con.execute(_EXPIRED, (now_ms - self.retention.keep_ms,)):
+                keep_from[room] = first_kept
+        if self.retention.keep_messages is not None:
+            for room, latest in con.execute(_OVER_COUNT, (self.retention.keep_messages,)):
+                keep_from[room] = max(keep_from.get(room, 1), self.retention.keep_from_seq(latest))
+        rooms = sorted(keep_from)
+        return sum(
+            self._prune_rooms({room: keep_from[room] for room in rooms[i : i + _SWEEP_CHUNK_ROOMS]})
+            for i in range(0, len(rooms), _SWEEP_CHUNK_ROOMS)
+        )
 
     # ---- reads ------------------------------------------------------------
 
