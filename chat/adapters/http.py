@@ -1,4 +1,4 @@
-"""The chat service's HTTP API: message history (PROTOCOL.md 5), /healthz, the demo page.
+"""The chat service's HTTP API: message history (PROTOCOL.md 5), /healthz, /readyz, /metrics, the demo page.
 
 `GET /rooms/<room>/messages?after=<seq>&limit=<n>` answers
 `{"room":"r1","latest_seq":58,"messages":[<message event>, ...]}` in seq order
@@ -29,6 +29,7 @@ from chat.storage.base import HISTORY_MAX_LIMIT, MessageStore, StoreError
 from roomcast.auth import Authenticator, AuthError
 from roomcast.config import ChatConfig
 from roomcast.http import HttpServer, Request, Response, Router
+from roomcast.metrics import MetricsRegistry
 from roomcast.wire.events import MessageEvent
 
 __all__ = [
@@ -145,17 +146,37 @@ def load_page(ws_url: str, path: Path = PAGE_PATH) -> bytes | None:
 
 
 class HistoryApi:
-    """The request handlers over one store. `router()` wires them."""
+    """The request handlers over one store. `router()` wires them.
 
-    def __init__(self, store: MessageStore, *, authorize: Authorizer = allow_all, page: bytes | None = None) -> None:
+    `/healthz` answers 200 while the process serves; `/readyz` 200 when
+    `ready()` is true, else 503 (a load balancer or k8s stops routing);
+    `/metrics` renders `metrics` when given. The three are open in every
+    auth mode, as probes and scrapers carry no token; they reveal no room or
+    user id.
+    """
+
+    def __init__(
+        self,
+        store: MessageStore,
+        *,
+        authorize: Authorizer = allow_all,
+        page: bytes | None = None,
+        metrics: MetricsRegistry | None = None,
+        ready: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.store = store
         self.authorize = authorize
         self.page = page
+        self.metrics = metrics
+        self.ready = ready
 
     def router(self) -> Router:
         router = Router()
         router.add("/rooms/{room}/messages", self.messages)
         router.add("/healthz", self.healthz)
+        router.add("/readyz", self.readyz)
+        if self.metrics is not None:
+            router.add("/metrics", self.render_metrics)
         if self.page is not None:
             router.add("/", self.index)
         return router
@@ -189,6 +210,15 @@ class HistoryApi:
     def healthz(self, request: Request) -> Response:
         return 200, {"content-type": "text/plain; charset=utf-8"}, b"ok\n"
 
+    def readyz(self, request: Request) -> Response:
+        if self.ready():
+            return 200, {"content-type": "text/plain; charset=utf-8", "cache-control": "no-store"}, b"ready\n"
+        return 503, {"content-type": "text/plain; charset=utf-8", "cache-control": "no-store"}, b"not ready\n"
+
+    def render_metrics(self, request: Request) -> Response:
+        assert self.metrics is not None
+        return 200, {"content-type": MetricsRegistry.CONTENT_TYPE, "cache-control": "no-store"}, self.metrics.render()
+
     def index(self, request: Request) -> Response:
         assert self.page is not None
         return 200, {"content-type": "text/html; charset=utf-8", "cache-control": "no-cache"}, self.page
@@ -203,15 +233,23 @@ def _int_param(text: str | None, default: int) -> int | None:
     return int(text)
 
 
-def build_http_server(store: MessageStore, config: ChatConfig, *, authorize: Authorizer | None = None) -> HttpServer:
+def build_http_server(
+    store: MessageStore,
+    config: ChatConfig,
+    *,
+    authorize: Authorizer | None = None,
+    metrics: MetricsRegistry | None = None,
+    ready: Callable[[], bool] = lambda: True,
+) -> HttpServer:
     """The history API server for `config` (not started: `await server.start()`).
 
-    `authorize` defaults to the token check of config.auth_mode. Raises
+    `authorize` defaults to the token check of config.auth_mode; `metrics`
+    and `ready` feed /metrics and /readyz (see HistoryApi). Raises
     ConfigError for a bad auth setting (jwt mode without a usable key).
     """
     if authorize is None:
         authorize = token_authorizer(Authenticator.from_config(config))
-    api = HistoryApi(store, authorize=authorize, page=load_page(config.page_ws_url))
+    api = HistoryApi(store, authorize=authorize, page=load_page(config.page_ws_url), metrics=metrics, ready=ready)
     return HttpServer(
         api.router(),
         config.http_host,

@@ -18,6 +18,11 @@ away mid-batch, the revocation waits a little for the batch to finish and
 commit; otherwise the batch is abandoned uncommitted and its records go to
 the new owner.
 
+Metrics (`roomcast_chat_*`, registered in the registry passed in): batch
+sizes, store and produce latency per batch, counts from `statistics()`, and
+the consumer lag: `highwater()` minus the position, per assigned partition
+(ListOffsets(latest) is wrong on the embedded broker).
+
 Embedded-broker notes (docs PLATFORM-NOTES): never the idempotent producer
 (Tansu has no InitProducerId), a small fetch wait because Tansu does not wake
 waiting fetches, and Tansu's first group generation is 0, for which aiokafka
@@ -43,6 +48,7 @@ from aiokafka.structs import ConsumerRecord
 from chat.core.validation import validate_ingest
 from chat.storage.base import MessageStore, StoredMessage, StoreError
 from roomcast.config import ChatConfig
+from roomcast.metrics import SIZE_BUCKETS, MetricsRegistry
 from roomcast.wire.events import CHAT_GROUP, CREATED_TOPIC, INGEST_TOPIC, IngestRecord, decode_ingest, encode_event
 
 __all__ = ["IngestPipeline", "KafkaTuning", "PipelineStatistics", "wall_clock_ms"]
@@ -93,6 +99,7 @@ class PipelineStatistics:
     retries: int
     abandoned_batches: int
     last_batch_ms: float
+    consumer_lag: int = 0
 
 
 class IngestPipeline:
@@ -100,6 +107,7 @@ class IngestPipeline:
 
     Call `await connect(stop)` once (retries until Kafka answers or `stop` is
     set), then `await run(stop)` until `stop` is set, then `await aclose()`.
+    Its metrics go into `metrics` (a registry of its own when None).
     Raises ValueError when config.batch_max is below 1.
     """
 
@@ -110,6 +118,7 @@ class IngestPipeline:
         *,
         tuning: KafkaTuning = KafkaTuning(),
         clock_ms: Callable[[], int] = wall_clock_ms,
+        metrics: MetricsRegistry | None = None,
     ) -> None:
         if config.batch_max < 1:
             raise ValueError(f"batch_max must be 1 or more, not {config.batch_max}")
@@ -128,6 +137,54 @@ class IngestPipeline:
         self._batches = self._records = self._stored = self._duplicates = self._malformed = 0
         self._produced = self._commits = self._commit_failures = self._retries = self._abandoned = 0
         self._last_batch_ms = 0.0
+        # Position (next offset to hand out) per assigned partition, refreshed
+        # after every fetch; lag() reads it with highwater() at scrape time.
+        self._positions: dict[TopicPartition, int] = {}
+        self._init_metrics(metrics if metrics is not None else MetricsRegistry())
+
+    def _init_metrics(self, m: MetricsRegistry) -> None:
+        self.metrics = m
+        m.counter_fn("roomcast_chat_messages_stored_total", "ingest records stored as new messages", lambda: self._stored)
+        m.counter_fn(
+            "roomcast_chat_duplicates_total", "ingest records that repeated a stored post (re-emitted, not stored)",
+            lambda: self._duplicates,
+        )
+        m.counter_fn("roomcast_chat_malformed_total", "ingest records skipped as undecodable or invalid", lambda: self._malformed)
+        m.counter_fn("roomcast_chat_batch_retries_total", "store or produce failures retried", lambda: self._retries)
+        m.counter_fn("roomcast_chat_commit_failures_total", "offset commits refused (a rebalance)", lambda: self._commit_failures)
+        m.counter_fn(
+            "roomcast_chat_batches_abandoned_total", "batches left uncommitted (revoked, or failing at stop)",
+            lambda: self._abandoned,
+        )
+        self.m_batch_records = m.histogram("roomcast_chat_batch_records", "ingest records per fetched batch", SIZE_BUCKETS)
+        self.m_store = m.histogram("roomcast_chat_store_latency_seconds", "store_batch of one batch (one transaction)")
+        self.m_produce = m.histogram(
+            "roomcast_chat_produce_latency_seconds", "producing one batch's events to message.created until all acked"
+        )
+        m.gauge(
+            "roomcast_chat_consumer_lag_messages", "message.ingest records on this instance's partitions not yet fetched",
+            self.lag,
+        )
+
+    @property
+    def connected(self) -> bool:
+        """True from a successful connect() until aclose()."""
+        return self._consumer is not None
+
+    def lag(self) -> int:
+        """Records behind the broker on the assigned partitions: highwater() minus position.
+
+        Partitions not fetched yet count 0. Never raises.
+        """
+        consumer = self._consumer
+        if consumer is None:
+            return 0
+        total = 0
+        for tp in consumer.assignment():
+            high, position = consumer.highwater(tp), self._positions.get(tp)
+            if high is not None and position is not None:
+                total += max(0, high - position)
+        return total
 
     def statistics(self) -> PipelineStatistics:
         return PipelineStatistics(
@@ -142,6 +199,7 @@ class IngestPipeline:
             self._retries,
             self._abandoned,
             self._last_batch_ms,
+            self.lag(),
         )
 
     # ---- lifecycle ------------------------------------------------------------
@@ -250,8 +308,20 @@ class IngestPipeline:
                 delay = min(delay * 2, self.tuning.retry_max_s)
                 continue
             delay = self.tuning.retry_initial_s
+            await self._refresh_positions(consumer)
             if batch:
                 await self._handle(batch, stop)
+
+    async def _refresh_positions(self, consumer: AIOKafkaConsumer) -> None:
+        for tp in consumer.assignment():
+            # A highwater means a fetch came back, so the position is known and
+            # position() returns at once (it would wait for an unresolved one).
+            if consumer.highwater(tp) is None:
+                continue
+            try:
+                self._positions[tp] = await consumer.position(tp)
+            except IllegalStateError:
+                pass  # revoked meanwhile
 
     async def _handle(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]], stop: asyncio.Event) -> None:
         epoch = self._epoch
@@ -267,7 +337,9 @@ class IngestPipeline:
                         records.append(record)
                 offsets[tp] = messages[-1].offset + 1
             self._batches += 1
-            self._records += sum(len(m) for m in batch.values())
+            fetched = sum(len(m) for m in batch.values())
+            self._records += fetched
+            self.m_batch_records.observe(fetched)
             if not await self._store_and_produce(records, epoch, stop):
                 self._abandoned += 1
                 return
@@ -301,17 +373,27 @@ class IngestPipeline:
         t = self.tuning
         delay = t.retry_initial_s
         give_up_at: float | None = None
+        # Stored by any attempt: a retry after a failed produce gets the
+        # records back as duplicates, but this batch stored them.
+        created = [False] * len(records)
         while True:
             if epoch != self._epoch:
                 log.warning("partitions were revoked mid-batch: abandoning it uncommitted (%d records)", len(records))
                 return False
             try:
+                started = time.perf_counter()
                 stored = await self.store.store_batch(records, self._clock_ms()) if records else []
+                if stored:
+                    self.m_store.observe(time.perf_counter() - started)
+                created = [c or s.created for c, s in zip(created, stored)]
                 if epoch != self._epoch:
                     continue  # revoked while storing: the new owner produces these
+                started = time.perf_counter()
                 await self._produce(stored)
-                self._stored += sum(1 for s in stored if s.created)
-                self._duplicates += sum(1 for s in stored if not s.created)
+                if stored:
+                    self.m_produce.observe(time.perf_counter() - started)
+                self._stored += sum(created)
+                self._duplicates += len(created) - sum(created)
                 return True
             except _TRANSIENT as exc:
                 self._retries += 1
@@ -365,6 +447,7 @@ class IngestPipeline:
             except TimeoutError:
                 pass  # the batch sees the new epoch and abandons itself
         self._epoch += 1
+        self._positions.clear()  # refreshed after the next fetch
         if revoked:
             log.info("partitions revoked: %s", _describe_tps(revoked))
 

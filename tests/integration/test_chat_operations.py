@@ -1,0 +1,355 @@
+"""The chat service as operators see it: /metrics, /readyz, retention through the HTTP API, Postgres end to end.
+
+Real Tansu broker, real stores (SQLite file or a database on the session's
+throwaway Postgres cluster), real sockets. Tests parametrized over `backend`
+run the whole service on each store, chosen by `database_url` as
+`roomcast chat --database-url ...` would. Each pays one consumer-group start
+on Tansu.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from chat.app import ChatService, retention_of, run_chat
+from chat.storage import Retention, StoredMessage, open_store
+from chat.storage.sqlite import SqliteStore
+from roomcast.config import ChatConfig
+from roomcast.embedded import ManagedProcess, free_port, start_tansu
+from roomcast.kafka import ensure_topics
+from roomcast.wire.events import INGEST_TOPIC, IngestRecord, encode_ingest
+
+TIMEOUT_FACTOR = float(os.environ.get("ROOMCAST_TEST_TIMEOUT_FACTOR", "1"))
+PARTITIONS = 2
+READY_TIMEOUT_S = 20 * TIMEOUT_FACTOR
+FLOW_TIMEOUT_S = 15 * TIMEOUT_FACTOR
+T0 = 1_732_650_000_000
+
+
+# ---- helpers -------------------------------------------------------------------
+
+
+def chat_config(bootstrap: str, database_url: str, **over: object) -> ChatConfig:
+    values: dict[str, object] = dict(
+        kafka_bootstrap=bootstrap,
+        database_url=database_url,
+        http_host="127.0.0.1",
+        http_port=0,
+        fetch_max_wait_ms=10,
+        batch_max=50,
+    )
+    values.update(over)
+    return ChatConfig(**values)  # type: ignore[arg-type]
+
+
+def record(room: str, cmid: str, user: str = "alice") -> IngestRecord:
+    return IngestRecord(room, user, f"{user} says {cmid}", cmid, "gw-test", int(time.time() * 1000))
+
+
+async def http_get(port: int, target: str) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+def parse_metrics(text: bytes) -> dict[str, float]:
+    """Prometheus text format -> {sample name with labels: value}."""
+    out = {}
+    for line in text.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+async def scrape(port: int) -> dict[str, float]:
+    status, headers, body = await http_get(port, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    return parse_metrics(body)
+
+
+async def wait_until(check: Callable[[], object], what: str, timeout_s: float = FLOW_TIMEOUT_S) -> None:
+    """Polls the async or sync `check` until it returns something true."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def post(producer: AIOKafkaProducer, rec: IngestRecord) -> None:
+    await producer.send_and_wait(INGEST_TOPIC, encode_ingest(rec), key=rec.room.encode())
+
+
+class Running:
+    """A ChatService running in this loop as a task; `port` once its HTTP server listens."""
+
+    def __init__(self, service: ChatService) -> None:
+        self.service = service
+        self.stop_event = asyncio.Event()
+        self.ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.task = asyncio.create_task(service.run(on_ready=self.ready.set_result, stop=self.stop_event))
+
+    async def wait_ready(self) -> int:
+        done, _ = await asyncio.wait({self.ready, self.task}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        if self.task in done:
+            self.task.result()
+        assert self.ready in done, "chat service not ready in time"
+        return self.ready.result()
+
+    async def wait_listening(self) -> int:
+        await wait_until(lambda: self.task.done() or self.service.http.port, "the HTTP port", READY_TIMEOUT_S)
+        if self.task.done():
+            self.task.result()
+        return self.service.http.port
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        await asyncio.wait_for(self.task, 20 * TIMEOUT_FACTOR)
+
+
+class GatedSqliteStore(SqliteStore):
+    """The real SQLite store, whose store_batch waits at a gate (a stalled database)."""
+
+    def __init__(self, path: Path, **kwargs: object) -> None:
+        super().__init__(path, **kwargs)  # type: ignore[arg-type]
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def store_batch(self, records: Sequence[IngestRecord], now_ms: int) -> list[StoredMessage]:
+        self.entered.set()
+        await self.gate.wait()
+        return await super().store_batch(records, now_ms)
+
+
+# ---- fixtures ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def bootstrap(kafka_bootstrap: str) -> str:
+    await ensure_topics(kafka_bootstrap, PARTITIONS)
+    return kafka_bootstrap
+
+
+@pytest.fixture
+async def producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.stop()
+
+
+@pytest.fixture(params=("sqlite", "postgres"))
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "postgres":
+        return str(request.getfixturevalue("postgres_url"))
+    return f"sqlite:///{tmp_path / 'chat.db'}"
+
+
+@pytest.fixture
+async def services() -> AsyncIterator[list[Running]]:
+    """Every service a test starts is stopped at the end, even when the test fails."""
+    running: list[Running] = []
+    try:
+        yield running
+    finally:
+        for r in running:
+            if not r.task.done():
+                r.task.cancel()
+            await asyncio.gather(r.task, return_exceptions=True)
+
+
+# ---- metrics, and the store chosen by database_url -------------------------------------
+
+
+async def test_metrics_move_with_traffic_and_history_keeps_the_retention_count(
+    bootstrap: str, database_url: str, producer: AIOKafkaProducer
+) -> None:
+    # run_chat: the store comes from config.database_url, the retention from the config.
+    config = chat_config(bootstrap, database_url, retention_count=5, retention_age_s=0)
+    stop = asyncio.Event()
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run_chat(config, on_ready=ready.set_result, stop=stop))
+    try:
+        port = await asyncio.wait_for(asyncio.shield(ready), READY_TIMEOUT_S)
+        before = await scrape(port)
+        for name in (
+            "roomcast_chat_messages_stored_total", "roomcast_chat_duplicates_total", "roomcast_chat_malformed_total",
+            "roomcast_chat_seq_conflicts_total", "roomcast_chat_pruned_total", "roomcast_chat_consumer_lag_messages",
+            "roomcast_chat_store_latency_seconds_count", "roomcast_chat_produce_latency_seconds_count",
+            "roomcast_chat_batch_records_count",
+        ):
+            assert before[name] == 0, name
+        assert before["roomcast_chat_ready"] == 1
+
+        for i in range(8):
+            await post(producer, record("r1", f"c-{i}"))
+        await post(producer, record("r1", "c-7"))  # a repeat
+        await producer.send_and_wait(INGEST_TOPIC, b"not json", key=b"r1")
+        await producer.send_and_wait(INGEST_TOPIC, encode_ingest(record("bad room!", "x")), key=b"r1")
+
+        async def settled() -> bool:
+            m = await scrape(port)
+            return m["roomcast_chat_messages_stored_total"] == 8 and m["roomcast_chat_duplicates_total"] == 1 and (
+                m["roomcast_chat_malformed_total"] == 2
+            )
+
+        await wait_until(settled, "the counters to count the traffic")
+        m = await scrape(port)
+        assert m["roomcast_chat_pruned_total"] == 3  # 8 stored, 5 kept
+        assert m["roomcast_chat_seq_conflicts_total"] == 0
+        assert m["roomcast_chat_batch_records_sum"] == 11
+        batches = m["roomcast_chat_batch_records_count"]
+        assert batches >= 1 and m['roomcast_chat_batch_records_bucket{le="+Inf"}'] == batches
+        assert 1 <= m["roomcast_chat_store_latency_seconds_count"] <= batches
+        assert m["roomcast_chat_store_latency_seconds_sum"] > 0
+        assert 1 <= m["roomcast_chat_produce_latency_seconds_count"] <= batches
+        assert m["roomcast_chat_consumer_lag_messages"] == 0
+
+        # History shows the count kept, and where it starts.
+        status, headers, body = await http_get(port, "/rooms/r1/messages?after=0")
+        page = json.loads(body)
+        assert status == 200 and page["latest_seq"] == 8
+        assert [e["seq"] for e in page["messages"]] == [4, 5, 6, 7, 8]
+        assert headers["x-roomcast-oldest-seq"] == "4"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20 * TIMEOUT_FACTOR)
+
+
+async def test_consumer_lag_grows_while_the_store_stalls_and_returns_to_0(
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, services: list[Running]
+) -> None:
+    config = chat_config(bootstrap, "unused")
+    store = GatedSqliteStore(tmp_path / "chat.db")
+    running = Running(ChatService(config, store))
+    services.append(running)
+    port = await running.wait_ready()
+    await post(producer, record("r1", "first"))
+    await asyncio.wait_for(store.entered.wait(), FLOW_TIMEOUT_S)  # the first batch holds one record
+    for i in range(9):
+        await post(producer, record("r1", f"c-{i}"))
+    await wait_until(
+        lambda: _metric_is(port, "roomcast_chat_consumer_lag_messages", 9), "lag 9 while the store is stalled"
+    )
+    store.gate.set()
+    await wait_until(lambda: _metric_is(port, "roomcast_chat_messages_stored_total", 10), "all 10 stored")
+    await wait_until(lambda: _metric_is(port, "roomcast_chat_consumer_lag_messages", 0), "lag back to 0")
+    await running.stop()
+
+
+async def _metric_is(port: int, name: str, value: float) -> bool:
+    return (await scrape(port))[name] == value
+
+
+# ---- readiness ----------------------------------------------------------------------------
+
+
+async def test_readyz_is_503_until_the_kafka_consumer_starts_then_200(tmp_path: Path, services: list[Running]) -> None:
+    kafka_port = free_port()
+    config = chat_config(f"127.0.0.1:{kafka_port}", f"sqlite:///{tmp_path / 'chat.db'}")
+    running = Running(ChatService(config, open_store(config.database_url)))
+    services.append(running)
+    port = await running.wait_listening()
+    # History is served while Kafka is away, but the instance is not ready.
+    assert (await http_get(port, "/readyz"))[0] == 503
+    assert (await http_get(port, "/healthz"))[0] == 200
+    assert (await http_get(port, "/rooms/r1/messages"))[0] == 200
+    assert (await scrape(port))["roomcast_chat_ready"] == 0
+    broker: ManagedProcess = start_tansu(port=kafka_port, log_path=tmp_path / "tansu.log")
+    try:
+        await ensure_topics(broker.address, PARTITIONS)
+        assert await running.wait_ready() == port
+        status, _, body = await http_get(port, "/readyz")
+        assert (status, body) == (200, b"ready\n")
+        await running.stop()
+    finally:
+        broker.stop()
+
+
+async def test_readyz_turns_503_as_soon_as_a_stop_begins(
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, services: list[Running]
+) -> None:
+    store = GatedSqliteStore(tmp_path / "chat.db")
+    running = Running(ChatService(chat_config(bootstrap, "unused"), store))
+    services.append(running)
+    port = await running.wait_ready()
+    assert (await http_get(port, "/readyz"))[0] == 200
+    # A batch in flight keeps the drain at its first step, with HTTP still up.
+    await post(producer, record("r1", "c-1"))
+    await asyncio.wait_for(store.entered.wait(), FLOW_TIMEOUT_S)
+    running.stop_event.set()
+    status, _, body = await http_get(port, "/readyz")
+    assert (status, body) == (503, b"not ready\n")
+    assert (await http_get(port, "/healthz"))[0] == 200
+    assert (await scrape(port))["roomcast_chat_ready"] == 0
+    store.gate.set()
+    await asyncio.wait_for(running.task, 20 * TIMEOUT_FACTOR)
+    assert running.service.statistics().stored == 1  # the batch finished inside the drain
+
+
+# ---- retention through the HTTP API --------------------------------------------------------
+
+
+async def test_retention_age_sweep_moves_history_oldest_seq_over_http(
+    bootstrap: str, database_url: str, producer: AIOKafkaProducer, services: list[Running]
+) -> None:
+    now = [T0]
+    config = chat_config(bootstrap, database_url, retention_count=0, retention_age_s=60)
+    assert retention_of(config) == Retention(keep_ms=60_000)
+    store = open_store(config.database_url, retention=retention_of(config))
+    running = Running(ChatService(config, store, clock_ms=lambda: now[0], retention_sweep_s=0.05))
+    services.append(running)
+    port = await running.wait_ready()
+    for i in range(3):
+        await post(producer, record("r1", f"old-{i}"))
+    await wait_until(lambda: running.service.statistics().stored == 3, "3 stored")
+    now[0] += 30_000
+    for i in range(2):
+        await post(producer, record("r1", f"new-{i}"))
+    await wait_until(lambda: running.service.statistics().stored == 5, "5 stored")
+    status, headers, body = await http_get(port, "/rooms/r1/messages?after=0")
+    assert [e["seq"] for e in json.loads(body)["messages"]] == [1, 2, 3, 4, 5]
+    assert headers["x-roomcast-oldest-seq"] == "1"
+
+    now[0] = T0 + 60_001  # the first three are now over 60 s old
+    await wait_until(lambda: store.statistics().pruned == 3, "the sweep to drop 3")
+    status, headers, body = await http_get(port, "/rooms/r1/messages?after=0")
+    page = json.loads(body)
+    assert status == 200 and page["latest_seq"] == 5
+    assert [e["client_msg_id"] for e in page["messages"]] == ["new-0", "new-1"]
+    assert headers["x-roomcast-oldest-seq"] == "4"
+    # A reader at seq 2 (a `since`) sees the gap: the first message is above
+    # after + 1, which the gateway answers with recovered:false.
+    _, headers, body = await http_get(port, "/rooms/r1/messages?after=2")
+    assert json.loads(body)["messages"][0]["seq"] == 4 and int(headers["x-roomcast-oldest-seq"]) > 3
+    assert (await scrape(port))["roomcast_chat_pruned_total"] == 3
+    # A new message keeps counting from the latest seq.
+    await post(producer, record("r1", "later"))
+    await wait_until(lambda: running.service.statistics().stored == 6, "6 stored")
+    _, _, body = await http_get(port, "/rooms/r1/messages?after=5")
+    assert [e["seq"] for e in json.loads(body)["messages"]] == [6]
+    await running.stop()
