@@ -93,16 +93,39 @@ def build_binaries() -> dict[str, Path]:
     return out
 
 
+def snapshot_code(ref: str) -> dict[str, Any]:
+    """The roomcast code the server runs: `git archive <ref>` of gateway/, roomcast/ and chat/,
+    extracted once into the cache dir, so commits landing during a run do not change
+    what is measured. ref "worktree" runs the live tree instead (uncommitted edits included)."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True, check=True).stdout.strip()
+
+    if ref == "worktree":
+        dirty = git("status", "--porcelain", "--", "gateway", "roomcast")
+        return {"ref": "worktree", "commit": git("rev-parse", "HEAD"), "dirty": bool(dirty), "pythonpath": None}
+    commit = git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    target = cache_dir() / f"src-{commit[:12]}"
+    if not target.exists():
+        tmp = Path(tempfile.mkdtemp(prefix="src-", dir=cache_dir()))
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "gateway", "roomcast", "chat"], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        tmp.rename(target)
+    subject = git("log", "-1", "--format=%s", commit)
+    return {"ref": ref, "commit": commit, "subject": subject, "dirty": False, "pythonpath": str(target)}
+
+
 # ---- processes -------------------------------------------------------------------------
 
 
 class Proc:
     """A child process whose stdout lines are collected by a thread."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path, stdin: bool = False, env: dict[str, str] | None = None):
+    def __init__(self, name: str, argv: list[str], log_dir: Path, stdin: bool = False, env: dict[str, str] | None = None,
+                 cwd: Path | None = None):
         self.name = name
         self.argv = argv
-        self.command = shlex.join(argv)
+        extra_env = {k: v for k, v in (env or {}).items() if os.environ.get(k) != v}
+        self.command = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in extra_env.items()), shlex.join(argv)])
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -110,7 +133,7 @@ class Proc:
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._log,
-            cwd=str(REPO),
+            cwd=str(cwd or REPO),
             env=env,
             text=True,
             bufsize=1,
@@ -166,9 +189,15 @@ class Proc:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    user, system = cpu_split(pid)
+    return user + system
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process in seconds: user space (Python, C libraries) and kernel (syscalls, TCP)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def rss_kib(pid: int) -> dict[str, int]:
@@ -208,7 +237,10 @@ class CpuSampler:
                         row["core" + name[3:]] = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / CLK_TCK
         for name, pid in list(self.pids.items()):
             with contextlib.suppress(OSError, ValueError, IndexError):
-                row[name] = cpu_seconds(pid)
+                user, system = cpu_split(pid)
+                row[name] = user + system
+                row[name + ".user"] = user
+                row[name + ".sys"] = system
         self.samples.append((time.monotonic_ns(), row))
 
     def _run(self) -> None:
@@ -308,6 +340,7 @@ class Ctx:
     redis_port: int
     redis_pid: int
     log_dir: Path
+    code: dict[str, Any] = field(default_factory=dict)
     seq: int = 0
     results: list[dict[str, Any]] = field(default_factory=list)
 
@@ -335,7 +368,12 @@ def start_server(ctx: Ctx, server: str, port: int, tag: str, extra: list[str] | 
         ready = "ready port="
     else:
         raise ValueError(server)
-    proc = Proc(f"{tag}-{server}", argv, ctx.log_dir)
+    env = cwd = None
+    if server == "roomcast" and ctx.code.get("pythonpath"):
+        # The snapshot first on the path; its own directory as cwd, so the live tree is not imported.
+        env = dict(os.environ, PYTHONPATH=ctx.code["pythonpath"])
+        cwd = Path(ctx.code["pythonpath"])
+    proc = Proc(f"{tag}-{server}", argv, ctx.log_dir, env=env, cwd=cwd)
     proc.wait_line(lambda line: ready in line, 60)
     return proc
 
@@ -427,6 +465,10 @@ def measure(ctx: Ctx, server: str, rooms: int, members: int, mode: str, run: int
                 # CPU over exactly the measured window (first publish -> last delivery).
                 "server_cpu_pct": cpu["server"],
                 "server_cpu_ns_per_delivery": round(1e9 * server_cpu_s / rep["deliveries"], 1) if rep["deliveries"] else None,
+                # user: the server's own code (Python, C extensions); sys: the kernel (send/write,
+                # and on loopback the receiver's TCP work too).
+                "server_user_ns_per_delivery": round(1e9 * (sampler.used("server.user", t_a, t_b) or 0) / rep["deliveries"], 1) if rep["deliveries"] else None,
+                "server_sys_ns_per_delivery": round(1e9 * (sampler.used("server.sys", t_a, t_b) or 0) / rep["deliveries"], 1) if rep["deliveries"] else None,
                 "client_cpu_pct": cpu["client"],
                 "publisher_cpu_pct": cpu["publisher"],
                 "redis_cpu_pct": cpu["redis"],
@@ -624,6 +666,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             row = {
                 "rooms": rooms, "members": members, "mode": mode, "server": server, "runs": len(rs), "failed_runs": len(rs) - len(ok),
                 "errors": [r["error"] for r in rs if "error" in r],
+                "profiled": any(r.get("profiled") for r in rs),
                 "deliveries_per_s_median": _med(rates),
                 "deliveries_per_s_min": min(rates) if rates else None,
                 "deliveries_per_s_max": max(rates) if rates else None,
@@ -640,6 +683,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
                 "closed_conns": sum(r["closed_conns"] for r in ok),
                 "server_cpu_pct": _med([r["server_cpu_pct"] for r in ok]),
                 "server_cpu_ns_per_delivery": _med([r["server_cpu_ns_per_delivery"] for r in ok]),
+                "server_user_ns_per_delivery": _med([r.get("server_user_ns_per_delivery") for r in ok]),
+                "server_sys_ns_per_delivery": _med([r.get("server_sys_ns_per_delivery") for r in ok]),
                 "server_rss_kib_max": max([r["server_hwm_kib"] for r in ok], default=None),
                 "client_cpu_pct": _med([r["client_cpu_pct"] for r in ok]),
                 "core0_others_pct": _med([r["cores"].get("core0", {}).get("others_pct") for r in ok if r.get("cores")]),
@@ -741,10 +786,12 @@ def render(summary: dict[str, Any], targets: list[dict[str, Any]], facts: dict[s
     lines.append(f"machine: {facts['cpu_model']}, {facts['cores']} cores, kernel {facts['kernel']}, Python {facts['python']}, "
                  f"{facts['redis_server'].split(' sha')[0]}, commit {facts['git_commit']}")
     lines.append("packages: " + ", ".join(f"{k} {v}" for k, v in facts["packages"].items()))
+    code = facts.get("roomcast_code", {})
+    lines.append(f"roomcast code: {code.get('ref')} = {str(code.get('commit'))[:10]} {code.get('subject', '')}" + (" (+ uncommitted edits)" if code.get("dirty") else ""))
     lines.append("command: " + shlex.join(argv))
     lines.append("")
     hdr = ("cell", "mode", "server", "deliv/s med", "[min-max]", "pub/s", "p50", "p99", "p99.9", "lost/undeliv/dup/ooo",
-           "srv CPU", "ns/deliv", "RSS MB", "cli CPU", "core1", "core0 other", "x base", "x cref", "client ceiling")
+           "srv CPU", "ns/deliv usr+sys", "RSS MB", "cli CPU", "core1", "core0 other", "x base", "x cref", "client ceiling")
     table = [hdr]
     for r in sorted(summary["rows"], key=lambda r: (r["rooms"], r["members"], r["mode"], SERVERS.index(r["server"]) if r["server"] in SERVERS else 9)):
         if r["deliveries_per_s_median"] is None:
@@ -752,13 +799,15 @@ def render(summary: dict[str, Any], targets: list[dict[str, Any]], facts: dict[s
             continue
         table.append(
             (
-                f"{r['rooms']}x{r['members']}", r["mode"], r["server"] + (f" ({r['failed_runs']} failed)" if r["failed_runs"] else ""),
+                f"{r['rooms']}x{r['members']}", r["mode"],
+                r["server"] + (f" ({r['failed_runs']} failed)" if r["failed_runs"] else "") + (" (profiled)" if r.get("profiled") else ""),
                 _fmt_rate(r["deliveries_per_s_median"]),
                 f"[{_fmt_rate(r['deliveries_per_s_min'])}-{_fmt_rate(r['deliveries_per_s_max'])}]",
                 _fmt_rate(r["published_per_s_median"]),
                 _fmt_us(r["p50_us"]), _fmt_us(r["p99_us"]), _fmt_us(r["p99_9_us"]),
                 f"{r['lost']}/{r['undelivered']}/{r['dup']}/{r['out_of_order']}",
-                f"{r['server_cpu_pct']:.0f}%", f"{r['server_cpu_ns_per_delivery']:.0f}" if r["server_cpu_ns_per_delivery"] else "-",
+                f"{r['server_cpu_pct']:.0f}%",
+                f"{r['server_user_ns_per_delivery']:.0f}+{r['server_sys_ns_per_delivery']:.0f}" if r.get("server_user_ns_per_delivery") is not None else "-",
                 f"{(r['server_rss_kib_max'] or 0) / 1024:.0f}",
                 f"{r['client_cpu_pct']:.0f}%", f"{r['core1_cpu_pct']:.0f}%",
                 f"{r['core0_others_pct']:.0f}%" if r.get("core0_others_pct") is not None else "-",
@@ -843,6 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", metavar="DIR", help="py-spy --native each roomcast/baseline measurement into DIR (slows the server; figures flagged)")
     p.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy", help="the py-spy binary (pip install py-spy)")
     p.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second")
+    p.add_argument("--ref", default="HEAD", help="git ref of the roomcast code to run (snapshot taken once at start); 'worktree': the live tree")
     p.add_argument("--smoke", action="store_true", help="tiny and fast (~10 s): 2x5 cell, 1 run, roomcast and baseline, no ceiling/idle")
     p.add_argument("--no-lock", action="store_true", help=f"do not take {LOCK_PATH} (only when something else serializes runs)")
     return p
@@ -869,7 +919,8 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     redis = start_redis(log_path=log_dir / "redis.log")
     if args.client_core is not None:
         os.sched_setaffinity(redis.proc.pid, {args.client_core})
-    ctx = Ctx(args, bins, redis.port, redis.proc.pid, log_dir)
+    ctx = Ctx(args, bins, redis.port, redis.proc.pid, log_dir, code=snapshot_code(args.ref))
+    facts["roomcast_code"] = ctx.code
     grid = parse_grid(args.grid)
     modes = [m for m in args.modes.split(",") if m]
     servers = [s for s in args.servers.split(",") if s]
