@@ -79,6 +79,7 @@ class _Data(msgspec.Struct):
     seq: int = 0
     client_msg_id: str = ""
     t_ns: int = 0
+    ts: int = 0
 
 
 class _Frame(msgspec.Struct):
@@ -103,6 +104,31 @@ class Series:
 
     name: str
     samples: list[int] = field(default_factory=list)
+    sent: list[int] = field(default_factory=list)  # monotonic send time of each sample
+
+    def add(self, t0: int, latency: int) -> None:
+        self.sent.append(t0)
+        self.samples.append(latency)
+
+    def windows(self, width_s: float = 5.0) -> list[dict[str, float]]:
+        """p50/p99 per window of send time: shows drift over the run (a broker slowing down)."""
+        if not self.sent:
+            return []
+        first = min(self.sent)
+        width = int(width_s * 1e9)
+        buckets: dict[int, list[int]] = {}
+        for t0, lat in zip(self.sent, self.samples):
+            buckets.setdefault((t0 - first) // width, []).append(lat)
+        out = []
+        for b in sorted(buckets):
+            v = sorted(buckets[b])
+            out.append({
+                "from_s": b * width_s,
+                "n": len(v),
+                "p50_ms": v[len(v) // 2] / NS_PER_MS,
+                "p99_ms": v[min(len(v) - 1, int(len(v) * 0.99))] / NS_PER_MS,
+            })
+        return out
 
     def summary(self) -> dict[str, Any]:
         s = sorted(self.samples)
@@ -120,6 +146,7 @@ class Series:
             "p99_ms": pct(99),
             "p99_9_ms": pct(99.9),
             "max_ms": s[-1] / NS_PER_MS if n else float("nan"),
+            "windows_5s": self.windows(),
             "histogram_us": _histogram(s),
         }
 
@@ -172,7 +199,12 @@ class Fleet:
         # or (e2e) the send time of its client_msg_id.
         self.deliveries = Series("deliveries")
         self.acks = Series("acks")
+        # e2e breakdown by the chat service's `ts` (wall clock, ms resolution):
+        # send -> stored by chat, stored -> member.
+        self.to_store = Series("send->stored")
+        self.from_store = Series("stored->member")
         self.sent_at: dict[str, int] = {}
+        self.sent_wall: dict[str, int] = {}
         self.measure_from = 0  # message index: below it, warm-up
         self.index_of: Callable[[str], int] = lambda cmid: int(cmid[2:])
         self.errors: list[str] = []
@@ -194,12 +226,18 @@ class Fleet:
             else:
                 t0 = self.sent_at.get(cmid, 0)
             if t0 and self.index_of(cmid) >= self.measure_from:
-                self.deliveries.samples.append(now - t0)
+                self.deliveries.add(t0, now - t0)
+                wall = self.sent_wall.get(cmid)
+                if wall is not None and data.ts:
+                    stored = data.ts * NS_PER_MS
+                    if member.index % self.members_per_room == 0:  # once per message
+                        self.to_store.add(t0, stored - wall)
+                    self.from_store.add(t0, time.time_ns() - stored)
         elif kind == "ack":
             self.acked += 1
             t0 = self.sent_at.get(frame.client_msg_id, 0)
             if t0 and self.index_of(frame.client_msg_id) >= self.measure_from:
-                self.acks.samples.append(now - t0)
+                self.acks.add(t0, now - t0)
         elif kind == "joined":
             if not member.joined.done():
                 member.joined.set_result(frame.seq)
@@ -685,6 +723,7 @@ async def run_e2e_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
             frame = b'{"type":"message.send","room":"%s","body":"%s","client_msg_id":"%s"}' % (
                 room.encode(), _BODY.encode(), cmid.encode(),
             )
+            fleet.sent_wall[cmid] = time.time_ns()
             fleet.sent_at[cmid] = time.monotonic_ns()
             senders[room].transport.send(text, frame)
 
@@ -704,6 +743,10 @@ async def run_e2e_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
         ack["acks_received"] = fleet.acked
         ack["setup"] = "the same run: message.send -> ack on the sender"
         rows.append(ack)
+        for series, what in ((fleet.to_store, "e2e send->stored"), (fleet.from_store, "e2e stored->members")):
+            part = _row(what, opts, series, {**counts, "lost": 0, "extra": 0, "out_of_order": 0})
+            part["setup"] = "breakdown by the event's ts (chat's wall clock at store, ms resolution: +-1 ms)"
+            rows.append(part)
         return rows
     finally:
         _unpin()
@@ -856,6 +899,8 @@ def main(argv: list[str] | None = None) -> int:
             f"out of order {r['out_of_order']}, schedule lag p99 {r['schedule_lag_p99_ms']:.2f} ms, "
             f"achieved {r['achieved_rate_per_s']:.0f}/s"
         )
+        drift = " ".join(f"{w['p50_ms']:.1f}/{w['p99_ms']:.1f}" for w in r["windows_5s"])
+        print(f"    p50/p99 ms by 5 s window of the run: {drift}")
         cores = ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_cores"].items())
         print(f"    CPU (cores) during the run: {cores}; rest of the machine {r['others_cores']:.2f}")
     for r in rows:
