@@ -442,6 +442,7 @@ class Options:
     gateways: int
     smoke: bool
     drain_timeout_s: float = 20.0
+    profile_dir: str = ""  # py-spy the Python services during the measured phase, into this directory
 
 
 def _pin_gateways(pids: Sequence[int], opts: Options) -> None:
@@ -495,8 +496,10 @@ async def _drive(
         return send(room, seqs[room], base + i)
 
     meter = CpuMeter(procs)
+    spies = _start_profilers(procs, opts, total / opts.rate)
     pacing = await paced(total, opts.rate, one)
     cpu = meter.stop()
+    profiles = await _finish_profilers(spies)
     sent = probes + total
     expected = sent * expect_per_message
     complete = await fleet.wait_received(expected, opts.drain_timeout_s)
@@ -513,7 +516,52 @@ async def _drive(
         "client_errors": fleet.errors[:10],
         **pacing,
         **cpu,
+        "profiles": profiles,
     }
+
+
+def _start_profilers(procs: dict[str, int], opts: Options, duration_s: float) -> list[tuple[str, Path, subprocess.Popen[bytes]]]:
+    """py-spy record (raw collapsed stacks) of the gateway and chat processes for the run."""
+    if not opts.profile_dir:
+        return []
+    out_dir = Path(opts.profile_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spies = []
+    for name, pid in procs.items():
+        if not (name.startswith("gateway") or name == "chat"):
+            continue
+        path = out_dir / f"{name}-{pid}.txt"
+        cmd = ["py-spy", "record", "--pid", str(pid), "--duration", str(max(1, int(duration_s))), "--rate", "250",
+               "--format", "raw", "--nonblocking", "--output", str(path)]
+        spies.append((name, path, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    return spies
+
+
+async def _finish_profilers(spies: list[tuple[str, Path, subprocess.Popen[bytes]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, path, proc in spies:
+        try:
+            await asyncio.to_thread(proc.wait, 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if path.exists():
+            out[name] = {"file": str(path), "top_self": _top_functions(path)}
+    return out
+
+
+def _top_functions(path: Path, n: int = 12) -> list[tuple[str, float]]:
+    """The functions with the most samples on top of the stack (self time), as shares of all samples."""
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        own[leaf] = own.get(leaf, 0) + int(count)
+        total += int(count)
+    top = sorted(own.items(), key=lambda kv: -kv[1])[:n]
+    return [(fn, round(c / total, 3)) for fn, c in top] if total else []
 
 
 async def run_redis_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
@@ -739,12 +787,12 @@ async def run_e2e_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
         row["kafka"] = _kafka_settings(opts)
         rows.append(row)
         acks_lost = max(0, counts["sent"] - fleet.acked)
-        ack = _row("e2e send->ack", opts, fleet.acks, {**counts, "lost": acks_lost, "extra": 0, "out_of_order": 0})
+        ack = _row("e2e send->ack", opts, fleet.acks, {**counts, "lost": acks_lost, "extra": 0, "out_of_order": 0, "profiles": {}})
         ack["acks_received"] = fleet.acked
         ack["setup"] = "the same run: message.send -> ack on the sender"
         rows.append(ack)
         for series, what in ((fleet.to_store, "e2e send->stored"), (fleet.from_store, "e2e stored->members")):
-            part = _row(what, opts, series, {**counts, "lost": 0, "extra": 0, "out_of_order": 0})
+            part = _row(what, opts, series, {**counts, "lost": 0, "extra": 0, "out_of_order": 0, "profiles": {}})
             part["setup"] = "breakdown by the event's ts (chat's wall clock at store, ms resolution: +-1 ms)"
             rows.append(part)
         return rows
@@ -830,6 +878,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gateways", type=int, default=1, help="gateway processes in the e2e hop (default 1)")
     p.add_argument("--no-pin", action="store_true", help="do not pin the gateway to CPU 0 and the clients to CPU 1")
     p.add_argument("--out", default="reports/hops.json", help="JSON results (default reports/hops.json)")
+    p.add_argument("--profile", metavar="DIR", default="", help="py-spy record the gateway and chat processes during each measured phase into DIR (raw collapsed stacks)")
     return p
 
 
@@ -854,6 +903,7 @@ def main(argv: list[str] | None = None) -> int:
         gateways=args.gateways,
         smoke=smoke,
         drain_timeout_s=20.0,
+        profile_dir=args.profile,
     )
     hops = [h.strip() for h in args.hops.split(",") if h.strip()]
     unknown = [h for h in hops if h not in HOPS]
@@ -903,6 +953,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    p50/p99 ms by 5 s window of the run: {drift}")
         cores = ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_cores"].items())
         print(f"    CPU (cores) during the run: {cores}; rest of the machine {r['others_cores']:.2f}")
+        for name, prof in r.get("profiles", {}).items():
+            top = "; ".join(f"{fn} {share:.0%}" for fn, share in prof["top_self"][:8])
+            print(f"    py-spy {name} ({prof['file']}), self time: {top}")
     for r in rows:
         if not r["lossless"]:
             failures.append(
