@@ -295,9 +295,8 @@ class PostgresStore:
         for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
             pool = self._pool_or_raise()
             try:
-                async with pool.acquire() as con:
-                    async with con.transaction():
-                        out, pruned = await self._store_batch(con, records, now_ms)
+                async with pool.acquire() as con, con.transaction():
+                    out, pruned = await self._store_batch(con, records, now_ms)
             except _RACES as exc:
                 self._count_race(exc)
                 if attempt == _CONFLICT_ATTEMPTS:
@@ -396,18 +395,17 @@ class PostgresStore:
         rooms = sorted(keep_from)
         for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
             try:
-                async with pool.acquire() as con:
-                    async with con.transaction():
-                        moved: dict[str, int] = {}
-                        for room, latest, oldest in await con.fetch(_LOCK_ROOMS, rooms):
-                            new_oldest = min(keep_from[room], latest + 1)
-                            if new_oldest > oldest:
-                                moved[room] = new_oldest
-                        if not moved:
-                            return 0
-                        args = (list(moved), list(moved.values()))
-                        status = await con.execute(_DELETE_BEFORE, *args)
-                        await con.execute(_SET_OLDEST, *args)
+                async with pool.acquire() as con, con.transaction():
+                    moved: dict[str, int] = {}
+                    for room, latest, oldest in await con.fetch(_LOCK_ROOMS, rooms):
+                        new_oldest = min(keep_from[room], latest + 1)
+                        if new_oldest > oldest:
+                            moved[room] = new_oldest
+                    if not moved:
+                        return 0
+                    args = (list(moved), list(moved.values()))
+                    status = await con.execute(_DELETE_BEFORE, *args)
+                    await con.execute(_SET_OLDEST, *args)
             except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
                 if attempt == _CONFLICT_ATTEMPTS:
                     raise StoreError(f"prune lost {attempt} races in a row: {exc}") from exc
@@ -469,9 +467,10 @@ class PostgresStore:
     async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         pool = self._pool_or_raise()
         try:
-            return await pool.fetch(query, *args)
+            rows: list[asyncpg.Record] = await pool.fetch(query, *args)
         except _DB_ERRORS as exc:
             raise StoreError(f"Postgres {type(exc).__name__}: {exc}") from exc
+        return rows
 
 
 def _row_count(status: str) -> int:

@@ -91,7 +91,7 @@ def _run_pg(cluster: PostgresCluster, tool: str, *args: str, check: bool = True)
     argv = _as_user(cluster.run_as, [str(cluster.bindir / tool), *args])
     # cwd: the postgres user may not be allowed into the caller's directory.
     result = subprocess.run(
-        argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=cluster.data_dir.parent
+        argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=cluster.data_dir.parent, check=False
     )
     if check and result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
