@@ -8,6 +8,7 @@ fresh database.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -133,3 +134,25 @@ async def test_a_missing_database_raises_store_error(postgres_url: str) -> None:
     with pytest.raises(StoreError, match="cannot connect to Postgres .*_missing"):
         await store.start()
     await store.aclose()
+
+
+async def test_aclose_ends_a_stuck_call_instead_of_hanging(postgres_url: str) -> None:
+    async with PostgresStore(postgres_url) as warm:
+        await warm.store_batch([rec("r1", "c0")], NOW)
+    store = PostgresStore(postgres_url, close_timeout_s=0.3)
+    await store.start()
+    blocker = await asyncpg.connect(postgres_url)
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT 1 FROM rooms WHERE room = 'r1' FOR UPDATE")
+        stuck = asyncio.create_task(store.store_batch([rec("r1", "c1")], NOW))
+        await asyncio.sleep(0.2)  # waiting on the row lock
+        started = time.monotonic()
+        await store.aclose()
+        assert time.monotonic() - started < 2
+        with pytest.raises(StoreError):
+            await stuck
+        await tx.rollback()
+    finally:
+        await blocker.close()
