@@ -138,6 +138,8 @@ class FramedListener(picows.WSListener):
     #: :class:`_ReadSplitter`; costs a walk over each read's frame headers).
     split_reads: ClassVar[bool] = True
 
+    __slots__ = ("assembler",)
+
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         super().__init__()
         self.assembler = MessageAssembler(max_message_bytes)
@@ -444,6 +446,8 @@ class EchoListener(FramedListener):
     The gateway serves it at ``/echo`` behind a test flag; the Autobahn
     integration test starts it directly.
     """
+
+    __slots__ = ()
 
     def on_text(self, transport: picows.WSTransport, text: str) -> None:
         transport.send(picows.WSMsgType.TEXT, text.encode())

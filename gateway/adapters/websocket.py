@@ -37,6 +37,9 @@ _TEXT = WSMsgType.TEXT
 class Connection(FramedListener):
     """One client WebSocket."""
 
+    # No __dict__: an idle socket's memory decides connections per worker.
+    __slots__ = ("app", "session", "transport", "raw_write", "closed", "paused", "pending", "pending_bytes")
+
     def __init__(self, app: GatewayApp, session: Session, max_message_bytes: int) -> None:
         super().__init__(max_message_bytes)
         self.app = app

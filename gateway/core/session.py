@@ -70,7 +70,7 @@ def _allow_all(room: str) -> bool:
 class Session:
     """One client connection's protocol state."""
 
-    __slots__ = ("user", "gateway", "limits", "rooms", "_may_use", "_new_msg_id", "_budget", "_abuse", "closed")
+    __slots__ = ("user", "gateway", "limits", "rooms", "_may_use", "_new_msg_id", "_budget", "_abuse", "_opened_ms", "closed")
 
     def __init__(
         self,
@@ -87,8 +87,11 @@ class Session:
         self.rooms: set[str] = set()
         self._may_use = may_use_room
         self._new_msg_id = new_msg_id
-        self._budget = TokenBucket(limits.send_rate_per_s, limits.send_burst, now_ms)
-        self._abuse = AbuseCounter(limits.abuse_max_errors, limits.abuse_window_ms)
+        # Made on first use: most sockets never post or err, and an idle
+        # socket's memory is the budget that decides connections per worker.
+        self._budget: TokenBucket | None = None
+        self._abuse: AbuseCounter | None = None
+        self._opened_ms = now_ms
         self.closed = False
 
     def receive_text(self, now_ms: int, text: str | bytes) -> list[Action]:
@@ -112,6 +115,8 @@ class Session:
 
     def _refuse(self, now_ms: int, exc: FrameError) -> list[Action]:
         actions: list[Action] = [Reply(encode_error(exc.code, exc.message, exc.ref))]
+        if self._abuse is None:
+            self._abuse = AbuseCounter(self.limits.abuse_max_errors, self.limits.abuse_window_ms)
         if self._abuse.record(now_ms):
             self.closed = True
             actions.append(Close(CloseCode.ABUSE, "too many refused frames"))
@@ -143,6 +148,9 @@ class Session:
             raise FrameError(ErrorCode.TOO_LARGE, f"body is over {self.limits.max_body_bytes} bytes", ref)
         if not body:
             raise FrameError(ErrorCode.BAD_REQUEST, "body is empty", ref)
+        if self._budget is None:
+            # A full bucket as of the socket's opening, refilled since.
+            self._budget = TokenBucket(self.limits.send_rate_per_s, self.limits.send_burst, self._opened_ms)
         if not self._budget.take(now_ms):
             raise FrameError(ErrorCode.RATE_LIMITED, "too many messages; slow down", ref)
         record = IngestRecord(
