@@ -117,6 +117,7 @@ class GatewayApp:
         self.m_batch = m.histogram("roomcast_gateway_fanout_batch_events", "events framed into one buffer per room per Redis read", SIZE_BUCKETS)
         self.m_fanout = m.histogram("roomcast_gateway_fanout_latency_seconds", "time to frame and write one Redis read to every socket")
         self.m_slow = m.counter("roomcast_gateway_slow_consumer_closes_total", "sockets closed with 4000")
+        self.m_dead = m.counter("roomcast_gateway_dead_peer_drops_total", "sockets dropped for not answering a ping")
         m.counter_fn("roomcast_gateway_redis_reconnects_total", "Redis subscriber reconnects", lambda: self.subscriber.reconnects)
         m.counter_fn("roomcast_gateway_events_duplicate_total", "events dropped as already delivered", lambda: stats.events_duplicate)
         m.counter_fn("roomcast_gateway_events_malformed_total", "Redis payloads without a seq", lambda: stats.events_malformed)
@@ -142,10 +143,10 @@ class GatewayApp:
             self.config.port,
             reuse_port=True,
             websocket_handshake_timeout=5,
-            enable_auto_ping=True,
-            auto_ping_idle_timeout=self.config.ping_interval_s,
-            auto_ping_reply_timeout=min(self.config.ping_timeout_s, self.config.ping_interval_s),
-            read_buffer_init_size=1024,  # grows for bigger frames; idle sockets stay small
+            # Dead peers are found by one heartbeat sweep per worker, not by
+            # picows' auto-ping, which keeps a task per connection.
+            enable_auto_ping=False,
+            read_buffer_init_size=512,  # grows for bigger frames; idle sockets stay small
             # uvloop's own transports: as fast as aiofastnet's in the fan-out
             # benchmark and about 4 KiB less per idle connection (PERFORMANCE.md).
             use_aiofastnet=False,
@@ -155,6 +156,7 @@ class GatewayApp:
             **make_server_kwargs(self.config.max_frame_bytes),
         )
         self.port = self.server.sockets[0].getsockname()[1]
+        self.spawn(self._heartbeat())
         log.info("gateway worker %s listening on %s:%d", self.name, self.config.host, self.port)
         if self.config.admin_port:
             router = Router()
@@ -223,6 +225,23 @@ class GatewayApp:
         if self.admin is not None:
             await self.admin.aclose()
         log.info("drained")
+
+    async def _heartbeat(self) -> None:
+        """Ping every socket each ping_interval_s; drop one that sent nothing
+        (no pong, no frame) since the previous ping. A dead peer gets no close
+        frame: it could not read one."""
+        interval = self.config.ping_interval_s
+        while not self.draining:
+            await asyncio.sleep(interval)
+            conns = list(self.connections)
+            for i, conn in enumerate(conns):
+                if conn.awaiting_pong:
+                    self.m_dead.value += 1
+                    conn.drop()
+                else:
+                    conn.ping()
+                if i % 1000 == 999:
+                    await asyncio.sleep(0)  # a big sweep must not stall fan-out
 
     async def _wait_tasks(self, timeout_s: float) -> None:
         if self._tasks:

@@ -17,7 +17,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from picows import WSMsgType, WSTransport
+from picows import WSFrame, WSMsgType, WSTransport
 
 from gateway.adapters.framed import FramedListener
 from gateway.core.wsframe import text_frame
@@ -38,7 +38,7 @@ class Connection(FramedListener):
     """One client WebSocket."""
 
     # No __dict__: an idle socket's memory decides connections per worker.
-    __slots__ = ("app", "session", "transport", "raw_write", "closed", "paused", "pending", "pending_bytes")
+    __slots__ = ("app", "session", "transport", "raw_write", "closed", "paused", "pending", "pending_bytes", "awaiting_pong")
 
     def __init__(self, app: GatewayApp, session: Session, max_message_bytes: int) -> None:
         super().__init__(max_message_bytes)
@@ -52,6 +52,7 @@ class Connection(FramedListener):
         # every other socket of the room: a slow socket holds references, not copies).
         self.pending: list[bytes] = []
         self.pending_bytes = 0
+        self.awaiting_pong = False
 
     # ---- picows callbacks ----------------------------------------------------
 
@@ -68,6 +69,10 @@ class Connection(FramedListener):
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.closed = True
         self.app.connection_closed(self)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        self.awaiting_pong = False  # any frame from the peer shows it is alive
+        FramedListener.on_ws_frame(self, transport, frame)
 
     def on_text(self, transport: WSTransport, text: str) -> None:
         self.app.perform(self, self.session.receive_text(_now_ms(), text))
@@ -88,6 +93,21 @@ class Connection(FramedListener):
         if pending and not self.closed:
             self.raw_write(b"".join(pending))
         self.app.connection_resumed(self)
+
+    def ping(self) -> None:
+        """Heartbeat: ask for a pong; the next sweep drops the socket if nothing came."""
+        if self.transport is not None and not self.closed:
+            self.awaiting_pong = True
+            self.transport.send_ping()
+
+    def drop(self) -> None:
+        """Cut a dead peer's connection at once (no close handshake: it cannot answer)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.app.connection_closed(self)
+        if self.transport is not None:
+            self.transport.underlying_transport.abort()
 
     def pause_reading(self) -> None:
         """Stop reading client frames (drain): what is sent now waits for the next gateway."""
