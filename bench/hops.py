@@ -442,7 +442,8 @@ class Options:
     gateways: int
     smoke: bool
     drain_timeout_s: float = 20.0
-    profile_dir: str = ""  # py-spy the Python services during the measured phase, into this directory
+    profile_dir: str = ""
+    bench_linger_ms: int = 0  # the bench's own producer on message.created (kafka hop)  # py-spy the Python services during the measured phase, into this directory
 
 
 def _pin_gateways(pids: Sequence[int], opts: Options) -> None:
@@ -617,7 +618,7 @@ def _kafka_settings(opts: Options) -> dict[str, Any]:
         "gateway_produce_linger_ms": opts.produce_linger_ms if opts.produce_linger_ms is not None else GatewayConfig.produce_linger_ms,
         "chat_fetch_max_wait_ms": opts.fetch_max_wait_ms if opts.fetch_max_wait_ms is not None else ChatConfig.fetch_max_wait_ms,
         "chat_produce_linger_ms": opts.produce_linger_ms if opts.produce_linger_ms is not None else ChatConfig.produce_linger_ms,
-        "bench_producer_linger_ms": 0,
+        "bench_producer_linger_ms": opts.bench_linger_ms,
         "partitions": opts.partitions,
     }
 
@@ -640,7 +641,7 @@ async def run_kafka_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
     try:
         await ensure_topics(kafka.address, opts.partitions)
         gateway = start_gateway(f"redis://{redis.address}", kafka.address, "", logs, 0, *_gateway_flags(opts))
-        producer = AIOKafkaProducer(bootstrap_servers=kafka.address, acks=1, linger_ms=0, enable_idempotence=False)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.address, acks=1, linger_ms=opts.bench_linger_ms, enable_idempotence=False)
         await producer.start()
         _pin_gateways([gateway.proc.pid], opts)
         settings = _kafka_settings(opts)
@@ -657,7 +658,7 @@ async def run_kafka_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
         procs = {"gateway": gateway.proc.pid, "redis": redis.proc.pid, "tansu": kafka.proc.pid}
         counts = await _drive(fleet, opts, produce, opts.members, procs)
         row = _row("kafka produce->client", opts, fleet.deliveries, counts)
-        row["setup"] = "aiokafka producer (acks=1, linger 0) in the client process -> message.created -> 1 gateway worker"
+        row["setup"] = f"aiokafka producer (acks=1, linger {opts.bench_linger_ms} ms) in the client process -> message.created -> 1 gateway worker"
         row["kafka"] = settings
         rows.append(row)
         fleet.close()
@@ -874,6 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=None, help="seconds sent first and not counted (default 3; smoke 1)")
     p.add_argument("--fetch-max-wait-ms", type=int, default=None, help="Kafka consumer fetch wait of gateway and chat (default: their config default, 10)")
     p.add_argument("--produce-linger-ms", type=int, default=None, help="Kafka producer linger of gateway and chat (default: theirs, 2 and 1)")
+    p.add_argument("--bench-linger-ms", type=int, default=0, help="linger of the bench's own producer on message.created in the kafka hop (default 0)")
     p.add_argument("--partitions", type=int, default=4, help="partitions of each topic (default 4)")
     p.add_argument("--gateways", type=int, default=1, help="gateway processes in the e2e hop (default 1)")
     p.add_argument("--no-pin", action="store_true", help="do not pin the gateway to CPU 0 and the clients to CPU 1")
@@ -904,6 +906,7 @@ def main(argv: list[str] | None = None) -> int:
         smoke=smoke,
         drain_timeout_s=20.0,
         profile_dir=args.profile,
+        bench_linger_ms=args.bench_linger_ms,
     )
     hops = [h.strip() for h in args.hops.split(",") if h.strip()]
     unknown = [h for h in hops if h not in HOPS]
@@ -941,7 +944,7 @@ def main(argv: list[str] | None = None) -> int:
             k = r["kafka"]
             print(
                 f"  {r['hop']}: fetch wait gateway {k['gateway_fetch_max_wait_ms']} ms / chat {k['chat_fetch_max_wait_ms']} ms; "
-                f"linger gateway {k['gateway_produce_linger_ms']} ms / chat {k['chat_produce_linger_ms']} ms / bench producer 0 ms; "
+                f"linger gateway {k['gateway_produce_linger_ms']} ms / chat {k['chat_produce_linger_ms']} ms / bench producer {k['bench_producer_linger_ms']} ms; "
                 f"{k['partitions']} partitions"
             )
         print(
