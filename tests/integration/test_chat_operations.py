@@ -250,8 +250,18 @@ async def test_consumer_lag_grows_while_the_store_stalls_and_returns_to_0(
     port = await running.wait_ready()
     await post(producer, record("r1", "first"))
     await asyncio.wait_for(store.entered.wait(), FLOW_TIMEOUT_S)  # the first batch holds one record
-    for i in range(9):
-        await post(producer, record("r1", f"c-{i}"))
+    # Nine more in one produce batch: a fetch sees all or none of them. (Sent
+    # one by one, a fetch could take the first few, and aiokafka fetches no
+    # more of a partition while records of it are buffered, so highwater()
+    # would stay behind.)
+    batcher = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=200)
+    await batcher.start()
+    try:
+        sent = [await batcher.send(INGEST_TOPIC, encode_ingest(record("r1", f"c-{i}")), key=b"r1") for i in range(9)]
+        await batcher.flush()
+        assert len({(await f).offset for f in sent}) == 9
+    finally:
+        await batcher.stop()
     await wait_until(
         lambda: _metric_is(port, "roomcast_chat_consumer_lag_messages", 9), "lag 9 while the store is stalled"
     )
