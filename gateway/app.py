@@ -457,14 +457,15 @@ class GatewayApp:
 
     def _write(self, delivery: Delivery) -> None:
         buffer = delivery.buffer
-        members = delivery.room.members
-        self.m_batch.observe(delivery.count)
-        self.m_deliveries.value += delivery.count * (len(members) + len(delivery.extra))
-        # A snapshot: a writer may close its socket (slow consumer), which edits `members`.
-        for write in tuple(members.values()):
+        writers = delivery.room.writers  # a snapshot: a writer may close its socket
+        for write in writers:
             write(buffer)
-        for write, data in delivery.extra:
-            write(data)
+        extra = delivery.extra
+        if extra:
+            for write, data in extra:
+                write(data)
+        self.m_deliveries.value += delivery.count * (len(writers) + (len(extra) if extra else 0))
+        self.m_batch.observe(delivery.count)
 
     def on_redis_connected(self, reconnected: bool) -> None:
         if not reconnected:

@@ -50,7 +50,7 @@ class Connection(FramedListener):
         self.paused = False
         # Frames held while the transport is paused (bytes objects shared with
         # every other socket of the room: a slow socket holds references, not copies).
-        self.pending: list[bytes] = []
+        self.pending: list[bytes] | None = None  # made when the socket is first paused
         self.pending_bytes = 0
         self.awaiting_pong = False
 
@@ -88,7 +88,7 @@ class Connection(FramedListener):
 
     def resume_writing(self) -> None:
         self.paused = False
-        pending, self.pending = self.pending, []
+        pending, self.pending = self.pending, None
         self.pending_bytes = 0
         if pending and not self.closed:
             self.raw_write(b"".join(pending))
@@ -136,7 +136,10 @@ class Connection(FramedListener):
         """The writer of a paused socket: over send_buffer_limit_bytes it is a slow consumer."""
         if self.closed:
             return
-        self.pending.append(data)
+        if self.pending is None:
+            self.pending = [data]
+        else:
+            self.pending.append(data)
         self.pending_bytes += len(data)
         if self.pending_bytes > self.app.config.send_buffer_limit_bytes:
             self.app.slow_consumer(self)
@@ -167,7 +170,7 @@ class Connection(FramedListener):
         the peer has not read it after abort_after_s."""
         if self.closed:
             return
-        self.pending = []
+        self.pending = None
         self.pending_bytes = 0
         transport = self.transport
         self.end(CloseCode.SLOW_CONSUMER, "send buffer over the limit; reconnect with since")

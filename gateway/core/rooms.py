@@ -23,12 +23,12 @@ A socket's membership goes through three states:
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 
 from gateway.core.wsframe import text_frame_header
-from roomcast.wire.events import ROOM_CHANNEL_PREFIX, decode_event_seq
+from roomcast.wire.events import ROOM_CHANNEL_PREFIX, EventSeq, decode_event_seq
 from roomcast.wire.frames import MESSAGE_ENVELOPE_HEAD, MESSAGE_ENVELOPE_TAIL
 
 __all__ = ["Room", "RoomRegistry", "Delivery", "Writer", "frame_events", "RegistryStats"]
@@ -37,6 +37,9 @@ Writer = Callable[[bytes], object]
 Member = Hashable
 
 _ENVELOPE_OVERHEAD = len(MESSAGE_ENVELOPE_HEAD) + len(MESSAGE_ENVELOPE_TAIL)
+_seq_decoder = msgspec.json.Decoder(EventSeq)
+# Frame headers of every payload size up to 8 KiB (events are smaller), made once.
+_HEADERS = [text_frame_header(n) for n in range(8192)]
 
 
 def frame_events(payloads: list[bytes]) -> bytes:
@@ -48,7 +51,8 @@ def frame_events(payloads: list[bytes]) -> bytes:
     parts: list[bytes] = []
     append = parts.append
     for payload in payloads:
-        append(text_frame_header(len(payload) + _ENVELOPE_OVERHEAD))
+        size = len(payload) + _ENVELOPE_OVERHEAD
+        append(_HEADERS[size] if size < 8192 else text_frame_header(size))
         append(MESSAGE_ENVELOPE_HEAD)
         append(payload)
         append(MESSAGE_ENVELOPE_TAIL)
@@ -56,7 +60,7 @@ def frame_events(payloads: list[bytes]) -> bytes:
 
 
 class Room:
-    __slots__ = ("id", "channel", "members", "joining", "catching_up", "last_seq", "known", "filling", "held", "recheck", "authoritative")
+    __slots__ = ("id", "channel", "members", "joining", "catching_up", "last_seq", "known", "filling", "held", "recheck", "authoritative", "_writers")
 
     def __init__(self, room_id: str) -> None:
         self.id = room_id
@@ -76,6 +80,25 @@ class Room:
         self.recheck = False
         # Some completed join read its position from history.
         self.authoritative = False
+        self._writers: tuple[Writer, ...] | None = None
+
+    @property
+    def writers(self) -> tuple[Writer, ...]:
+        """The live members' writers, as a tuple kept until membership changes:
+        the fan-out loop iterates it (a snapshot, so a writer that closes its
+        socket mid-loop is safe) without copying per delivery."""
+        writers = self._writers
+        if writers is None:
+            writers = self._writers = tuple(self.members.values())
+        return writers
+
+    def set_member(self, member: Member, writer: Writer) -> None:
+        self.members[member] = writer
+        self._writers = None
+
+    def drop_member(self, member: Member) -> None:
+        if self.members.pop(member, None) is not None:
+            self._writers = None
 
     def __len__(self) -> int:
         return len(self.members) + len(self.joining) + len(self.catching_up)
@@ -95,7 +118,7 @@ class Delivery:
     room: Room
     buffer: bytes
     count: int
-    extra: list[tuple[Writer, bytes]] = field(default_factory=list)
+    extra: list[tuple[Writer, bytes]] | None = None
 
 
 @dataclass(slots=True)
@@ -165,7 +188,7 @@ class RoomRegistry:
         if sent_up_to > room.last_seq:
             room.catching_up[member] = (writer, sent_up_to)
         else:
-            room.members[member] = writer
+            room.set_member(member, writer)
         room.authoritative = room.authoritative or authoritative
         if not room.known and not room.joining:
             self._joins_settled(room)
@@ -197,7 +220,7 @@ class RoomRegistry:
         for member, (writer, floor) in list(room.catching_up.items()):
             if floor <= room.last_seq:
                 del room.catching_up[member]
-                room.members[member] = writer
+                room.set_member(member, writer)
         if room.recheck and not room.filling:
             # A reconnect happened while the joins were reading history: what
             # was published before it may be missing, so check now.
@@ -210,7 +233,7 @@ class RoomRegistry:
         room = self.rooms.get(room_id)
         if room is None:
             return False
-        room.members.pop(member, None)
+        room.drop_member(member)
         was_joining = room.joining.pop(member, None) is not None
         room.catching_up.pop(member, None)
         if len(room) == 0:
@@ -227,7 +250,7 @@ class RoomRegistry:
         if room is None:
             return
         if member in room.members:
-            room.members[member] = writer
+            room.set_member(member, writer)
         elif member in room.catching_up:
             room.catching_up[member] = (writer, room.catching_up[member][1])
 
@@ -240,6 +263,36 @@ class RoomRegistry:
         delivered; frames the rest once. With fill_gaps, stops at a gap and
         holds the rest (see the class doc). None when nothing is left to write.
         """
+        if room.known and not (room.filling or room.joining or room.catching_up):
+            # The steady state: every seq is the next one. One pass frames
+            # them; anything else (a gap, a duplicate, junk) takes the general
+            # path below, which starts again from the unchanged room.
+            last = room.last_seq
+            parts: list[bytes] = []
+            append = parts.append
+            for payload in payloads:
+                try:
+                    seq = _seq_decoder.decode(payload).seq
+                except (msgspec.DecodeError, ValueError):
+                    break
+                if seq != last + 1:
+                    break
+                last = seq
+                size = len(payload) + _ENVELOPE_OVERHEAD
+                append(_HEADERS[size] if size < 8192 else text_frame_header(size))
+                append(MESSAGE_ENVELOPE_HEAD)
+                append(payload)
+                append(MESSAGE_ENVELOPE_TAIL)
+            else:
+                if not parts:
+                    return None
+                count = last - room.last_seq
+                room.last_seq = last
+                self.stats.events_accepted += count
+                return Delivery(room, b"".join(parts), count)
+        return self._deliver_general(room, payloads)
+
+    def _deliver_general(self, room: Room, payloads: list[bytes]) -> Delivery | None:
         last = room.last_seq
         known = room.known
         accepted: list[bytes] = []
@@ -336,9 +389,11 @@ class RoomRegistry:
             if seqs[0] > floor:
                 # Caught up: from now on the shared buffer, starting with this one.
                 del room.catching_up[member]
-                room.members[member] = writer
+                room.set_member(member, writer)
             else:
                 start = next(i for i, s in enumerate(seqs) if s > floor)
+                if delivery.extra is None:
+                    delivery.extra = []
                 delivery.extra.append((writer, frame_events(accepted[start:])))
                 room.catching_up[member] = (writer, seqs[-1])
 

@@ -69,9 +69,9 @@ def write_out(delivery: Delivery | None) -> None:
     """What the adapter does with a Delivery (its docstring): members get `buffer`, then `extra`."""
     if delivery is None:
         return
-    for write in list(delivery.room.members.values()):
+    for write in delivery.room.writers:
         write(delivery.buffer)
-    for write, data in delivery.extra:
+    for write, data in delivery.extra or ():
         write(data)
 
 
@@ -336,7 +336,7 @@ def test_deliver_frames_the_accepted_events_into_one_buffer():
     assert delivery.room is room
     assert delivery.buffer == frame_events([ev(1), ev(2), ev(3)])
     assert delivery.count == 3
-    assert delivery.extra == []
+    assert not delivery.extra
 
 
 def test_deliver_frames_once_however_many_live_members(monkeypatch):
@@ -533,7 +533,7 @@ def test_catching_up_member_whose_batch_starts_above_its_floor_goes_live_on_the_
     write_out(registry.deliver(room, [ev(s) for s in range(6, 11)]))
     delivery = registry.deliver(room, [ev(11), ev(12)])
     write_out(delivery)
-    assert delivery.extra == []
+    assert not delivery.extra
     assert sink.writes == [delivery.buffer] and sink.writes[0] is live.writes[-1]
     assert room.members["m1"] is sink
 

@@ -52,7 +52,7 @@ def closes(actions) -> list[Close]:
 def test_session_join_returns_join_room_action():
     s = make_session()
     assert s.receive_text(T0, frame(type="join", room="r1")) == [JoinRoom("r1", None)]
-    assert s.rooms == {"r1"}
+    assert s.rooms == ["r1"]
 
 
 def test_session_join_with_since_carries_since():
@@ -117,7 +117,7 @@ def test_session_leave_of_a_joined_room_returns_leave_room_and_forgets_it():
     s = make_session()
     s.receive_text(T0, frame(type="join", room="r1"))
     assert s.receive_text(T0, frame(type="leave", room="r1")) == [LeaveRoom("r1")]
-    assert s.rooms == set()
+    assert s.rooms == []
 
 
 def test_session_leave_of_a_room_not_joined_answers_left():
@@ -139,7 +139,7 @@ def test_session_repeated_join_is_passed_on_and_keeps_one_room():
     s = make_session()
     s.receive_text(T0, frame(type="join", room="r1"))
     assert s.receive_text(T0, frame(type="join", room="r1")) == [JoinRoom("r1", None)]
-    assert s.rooms == {"r1"}
+    assert s.rooms == ["r1"]
 
 
 def test_session_refuses_a_join_over_max_rooms():
@@ -150,7 +150,7 @@ def test_session_refuses_a_join_over_max_rooms():
     assert error["code"] == "bad_request"
     assert error["ref"] == "join"
     assert "2" in error["message"]
-    assert s.rooms == {"a", "b"}
+    assert sorted(s.rooms) == ["a", "b"]
 
 
 def test_session_at_max_rooms_may_join_a_room_it_is_in_again():
@@ -204,7 +204,7 @@ def test_session_refuses_empty_body_as_bad_request():
 def test_session_refused_join_does_not_add_the_room():
     s = make_session()
     s.receive_text(T0, frame(type="join", room="a/b"))
-    assert s.rooms == set()
+    assert s.rooms == []
 
 
 # ---- forbidden --------------------------------------------------------------------
@@ -220,7 +220,7 @@ def test_session_refuses_join_of_a_room_the_token_does_not_allow():
     assert error["code"] == "forbidden"
     assert error["ref"] == "join"
     assert "secret" in error["message"]
-    assert s.rooms == set()
+    assert s.rooms == []
 
 
 def test_session_allows_join_of_a_room_the_token_allows():
@@ -417,7 +417,7 @@ def test_closed_session_ignores_further_frames():
     assert s.receive_text(T0, frame(type="join", room="r1")) == []
     assert s.receive_text(T0, send()) == []
     assert s.receive_text(T0, "nope") == []
-    assert s.rooms == set()
+    assert s.rooms == []
 
 
 def test_session_closed_by_a_binary_frame_ignores_further_text_frames():
