@@ -137,8 +137,9 @@ class IngestPipeline:
         self._batches = self._records = self._stored = self._duplicates = self._malformed = 0
         self._produced = self._commits = self._commit_failures = self._retries = self._abandoned = 0
         self._last_batch_ms = 0.0
-        # Position (next offset to hand out) per assigned partition, refreshed
-        # after every fetch; lag() reads it with highwater() at scrape time.
+        # Next offset per partition after the last records getmany handed out
+        # (the consumer's position, kept here so lag() never awaits: position()
+        # can wait for an offset reset); lag() reads it with highwater().
         self._positions: dict[TopicPartition, int] = {}
         self._init_metrics(metrics if metrics is not None else MetricsRegistry())
 
@@ -174,7 +175,8 @@ class IngestPipeline:
     def lag(self) -> int:
         """Records behind the broker on the assigned partitions: highwater() minus position.
 
-        Partitions not fetched yet count 0. Never raises.
+        A partition counts from its first records handed out after an
+        assignment (before that, 0). Never raises.
         """
         consumer = self._consumer
         if consumer is None:
@@ -308,20 +310,10 @@ class IngestPipeline:
                 delay = min(delay * 2, self.tuning.retry_max_s)
                 continue
             delay = self.tuning.retry_initial_s
-            await self._refresh_positions(consumer)
+            for tp, messages in batch.items():
+                self._positions[tp] = messages[-1].offset + 1
             if batch:
                 await self._handle(batch, stop)
-
-    async def _refresh_positions(self, consumer: AIOKafkaConsumer) -> None:
-        for tp in consumer.assignment():
-            # A highwater means a fetch came back, so the position is known and
-            # position() returns at once (it would wait for an unresolved one).
-            if consumer.highwater(tp) is None:
-                continue
-            try:
-                self._positions[tp] = await consumer.position(tp)
-            except IllegalStateError:
-                pass  # revoked meanwhile
 
     async def _handle(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]], stop: asyncio.Event) -> None:
         epoch = self._epoch
