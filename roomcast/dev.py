@@ -9,12 +9,10 @@ stops everything on Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from roomcast.config import DevConfig

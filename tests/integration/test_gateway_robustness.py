@@ -16,7 +16,6 @@ import pytest
 import redis.asyncio as aioredis
 import websockets
 
-from gateway.app import GatewayApp
 from tests.integration.test_gateway import base_config, start_gateway, ws_url
 from tests.support import Client, event, scaled
 
