@@ -48,7 +48,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 __all__ = ["main"]
 

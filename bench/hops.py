@@ -172,7 +172,7 @@ def _histogram(sorted_ns: list[int]) -> list[list[float]]:
 class Member:
     """One client socket in one room."""
 
-    __slots__ = ("fleet", "room", "index", "transport", "joined", "received", "last_seq", "disorder", "acked")
+    __slots__ = ("fleet", "room", "index", "transport", "joined", "received", "last_seq", "disorder")
 
     def __init__(self, fleet: Fleet, room: str, index: int) -> None:
         self.fleet = fleet
@@ -675,7 +675,7 @@ async def run_kafka_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
                 room.encode(), _BODY.encode(), cmid.encode(),
             )
             fleet.sent_at[cmid] = time.monotonic_ns()
-            senders[room].transport.send(_TEXT(), frame)
+            senders[room].transport.send(_text_type(), frame)
 
         before = fleet.acked
         counts = await _drive_acks(fleet, ack_opts, post, procs)
@@ -698,7 +698,7 @@ async def run_kafka_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
         redis.stop()
 
 
-def _TEXT() -> Any:
+def _text_type() -> Any:
     import picows
 
     return picows.WSMsgType.TEXT
@@ -765,7 +765,7 @@ async def run_e2e_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
         fleet = Fleet([stack.ws_url(i) for i in range(len(stack.gateways))], opts.rooms, opts.members, "e2e")
         await fleet.connect()
         senders = fleet.senders()
-        text = _TEXT()
+        text = _text_type()
 
         def post(room: str, seq: int, index: int) -> None:
             cmid = f"e-{index}"
