@@ -70,7 +70,7 @@ def _allow_all(room: str) -> bool:
 class Session:
     """One client connection's protocol state."""
 
-    __slots__ = ("user", "gateway", "limits", "rooms", "_may_use", "_new_msg_id", "_budget", "_abuse", "_opened_ms", "closed")
+    __slots__ = ("user", "gateway", "limits", "rooms", "_may_use", "_new_msg_id", "_budget", "_abuse", "closed")
 
     def __init__(
         self,
@@ -93,7 +93,6 @@ class Session:
         # socket's memory is the budget that decides connections per worker.
         self._budget: TokenBucket | None = None
         self._abuse: AbuseCounter | None = None
-        self._opened_ms = now_ms
         self.closed = False
 
     def receive_text(self, now_ms: int, text: str | bytes) -> list[Action]:
@@ -152,8 +151,8 @@ class Session:
         if not body:
             raise FrameError(ErrorCode.BAD_REQUEST, "body is empty", ref)
         if self._budget is None:
-            # A full bucket as of the socket's opening, refilled since.
-            self._budget = TokenBucket(self.limits.send_rate_per_s, self.limits.send_burst, self._opened_ms)
+            # Full, as a bucket made at the opening would be by now (it never holds more than burst).
+            self._budget = TokenBucket(self.limits.send_rate_per_s, self.limits.send_burst, now_ms)
         if not self._budget.take(now_ms):
             raise FrameError(ErrorCode.RATE_LIMITED, "too many messages; slow down", ref)
         record = IngestRecord(
