@@ -207,11 +207,15 @@ class CreatedRelay:
                     delay = await _backoff(delay)
 
     async def _relay(self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
-        for tp, records in batches.items():
-            await self.publish([(record.key or b"", record.value or b"") for record in records])
-            self.published += len(records)
-            await consumer.commit({tp: records[-1].offset + 1})
-            self._next_offset[tp] = records[-1].offset + 1
+        # One PUBLISH pipeline and one commit for the whole fetch: each
+        # partition's records stay in order inside the pipeline, and a commit
+        # per partition would cost a broker round trip each.
+        records = [(r.key or b"", r.value or b"") for rs in batches.values() for r in rs]
+        await self.publish(records)
+        self.published += len(records)
+        offsets = {tp: rs[-1].offset + 1 for tp, rs in batches.items()}
+        await consumer.commit(offsets)
+        self._next_offset.update(offsets)
 
     def lag(self) -> int:
         """Records of message.created on this worker's partitions not yet published.
