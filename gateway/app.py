@@ -227,21 +227,28 @@ class GatewayApp:
         log.info("drained")
 
     async def _heartbeat(self) -> None:
-        """Ping every socket each ping_interval_s; drop one that sent nothing
-        (no pong, no frame) since the previous ping. A dead peer gets no close
-        frame: it could not read one."""
+        """Every ping_interval_s, ping every socket; ping_timeout_s later drop
+        those that sent nothing since (no pong, no frame). A dead peer gets no
+        close frame: it could not read one. One sweep per worker instead of
+        picows' ping task per connection."""
         interval = self.config.ping_interval_s
+        timeout = min(self.config.ping_timeout_s, interval)
         while not self.draining:
-            await asyncio.sleep(interval)
-            conns = list(self.connections)
-            for i, conn in enumerate(conns):
-                if conn.awaiting_pong:
-                    self.m_dead.value += 1
-                    conn.drop()
-                else:
-                    conn.ping()
-                if i % 1000 == 999:
-                    await asyncio.sleep(0)  # a big sweep must not stall fan-out
+            await asyncio.sleep(interval - timeout)
+            await self._sweep(lambda conn: conn.ping())
+            await asyncio.sleep(timeout)
+            await self._sweep(self._drop_if_silent)
+
+    async def _sweep(self, visit: Callable[[Connection], None]) -> None:
+        for i, conn in enumerate(list(self.connections)):
+            visit(conn)
+            if i % 1000 == 999:
+                await asyncio.sleep(0)  # a big sweep must not stall fan-out
+
+    def _drop_if_silent(self, conn: Connection) -> None:
+        if conn.awaiting_pong:
+            self.m_dead.value += 1
+            conn.drop()
 
     async def _wait_tasks(self, timeout_s: float) -> None:
         if self._tasks:

@@ -189,3 +189,24 @@ async def test_fuzzed_frames_never_crash_the_worker_or_escape_as_exceptions(
         await ok.close()
     finally:
         await app.drain()
+
+
+async def test_a_peer_that_answers_no_ping_is_dropped_and_a_live_one_is_kept(redis_url: str) -> None:
+    app = await start_gateway(base_config(redis_url, ping_interval_s=0.3, ping_timeout_s=0.2))
+    # The raw client never reads, so it never answers a ping: a dead peer.
+    dead = await asyncio.to_thread(RawSocketClient, app.port, "/ws?user=dead")
+    try:
+        live = await Client.connect(ws_url(app), "live")  # websockets answers pings by itself
+        await live.join("hb")
+        for _ in range(40):
+            if app.metrics.value("roomcast_gateway_dead_peer_drops_total") >= 1:
+                break
+            await asyncio.sleep(0.05)
+        assert app.metrics.value("roomcast_gateway_dead_peer_drops_total") == 1
+        assert {c.session.user for c in app.connections} == {"live"}
+        await asyncio.sleep(1.0)  # several more sweeps: the live socket stays
+        assert {c.session.user for c in app.connections} == {"live"}
+        await live.close()
+    finally:
+        dead.close()
+        await app.drain()
