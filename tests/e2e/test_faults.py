@@ -238,5 +238,6 @@ async def test_fault_suite_short(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 async def test_fault_suite_long(tmp_path: Path) -> None:
     await run_fault_suite(tmp_path, duration_s=240, rounds=4)
