@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from roomcast.wire.events import IngestRecord, MessageEvent
 
@@ -45,12 +45,15 @@ __all__ = [
     "HistoryPage",
     "MessageStore",
     "Retention",
+    "StoreBase",
     "StoreError",
     "StoreStatistics",
     "StoredMessage",
 ]
 
 HISTORY_MAX_LIMIT = 500  # PROTOCOL.md 5: limit 1-500
+
+_S = TypeVar("_S", bound="StoreBase")
 
 
 class StoreError(Exception):
@@ -137,6 +140,34 @@ class StoreStatistics:
     pruned: int = 0
     seq_conflicts: int = 0
     dedupe_conflicts: int = 0
+
+
+class StoreBase:
+    """What every store backend shares: its counters, `statistics()` and
+    `async with` over `start()`/`aclose()`. Counters are bumped by the
+    backend (on its one writer: the event loop or its writer thread)."""
+
+    def __init__(self) -> None:
+        self._batches = self._stored = self._duplicates = self._pruned = 0
+        self._seq_conflicts = self._dedupe_conflicts = 0
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(
+            self._batches, self._stored, self._duplicates, self._pruned, self._seq_conflicts, self._dedupe_conflicts
+        )
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self: _S) -> _S:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 @runtime_checkable

@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from chat.core.ids import UlidGenerator
-from chat.storage.base import HISTORY_MAX_LIMIT, HistoryPage, Retention, StoredMessage, StoreError, StoreStatistics
+from chat.storage.base import HISTORY_MAX_LIMIT, HistoryPage, Retention, StoreBase, StoredMessage, StoreError
 from roomcast.wire.events import IngestRecord, MessageEvent
 
 __all__ = ["MIGRATIONS", "PostgresStore"]
@@ -169,7 +169,7 @@ class _Row:
     client_msg_id: bytes
 
 
-class PostgresStore:
+class PostgresStore(StoreBase):
     """A MessageStore on a Postgres database (chat.storage.base documents the contract).
 
     `dsn` is a libpq URL (`postgresql://user:password@host:port/db`). The pool
@@ -203,20 +203,7 @@ class PostgresStore:
         self._ids = UlidGenerator()  # used on the event loop only
         self._pool: asyncpg.Pool | None = None
         self._closed = False
-        self._batches = self._stored = self._duplicates = self._pruned = 0
-        self._seq_conflicts = self._dedupe_conflicts = 0
-
-    def statistics(self) -> StoreStatistics:
-        return StoreStatistics(
-            self._batches, self._stored, self._duplicates, self._pruned, self._seq_conflicts, self._dedupe_conflicts
-        )
-
-    async def __aenter__(self) -> PostgresStore:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+        super().__init__()  # the counters
 
     # ---- lifecycle --------------------------------------------------------
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from chat.core.ids import UlidGenerator
-from chat.storage.base import HISTORY_MAX_LIMIT, HistoryPage, Retention, StoredMessage, StoreError, StoreStatistics
+from chat.storage.base import HISTORY_MAX_LIMIT, HistoryPage, Retention, StoreBase, StoredMessage, StoreError
 from roomcast.wire.events import IngestRecord, MessageEvent
 
 __all__ = ["SqliteStore"]
@@ -88,7 +88,7 @@ _HISTORY = (
 )
 
 
-class SqliteStore:
+class SqliteStore(StoreBase):
     """A MessageStore over one SQLite file (chat.storage.base documents the contract).
 
     `path` is a file path; its directory must exist. `retention` is applied by
@@ -111,21 +111,7 @@ class SqliteStore:
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._closed = False
-        # Counters, written on the writer thread only.
-        self._batches = self._stored = self._duplicates = self._pruned = 0
-        self._seq_conflicts = self._dedupe_conflicts = 0
-
-    def statistics(self) -> StoreStatistics:
-        return StoreStatistics(
-            self._batches, self._stored, self._duplicates, self._pruned, self._seq_conflicts, self._dedupe_conflicts
-        )
-
-    async def __aenter__(self) -> SqliteStore:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+        super().__init__()  # the counters, written on the writer thread only
 
     # ---- lifecycle --------------------------------------------------------
 
