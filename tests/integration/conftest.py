@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from roomcast.embedded import free_port
+from roomcast.kafka import ensure_topics
 
 INSTALL_HINT = "apt-get install -y postgresql"
 _PG_LIB = Path("/usr/lib/postgresql")
@@ -185,3 +187,25 @@ async def postgres_url(postgres_cluster: PostgresCluster) -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+# ---- Kafka, for the chat service's tests ---------------------------------------------
+
+CHAT_TEST_PARTITIONS = 2
+
+
+@pytest.fixture
+async def bootstrap(kafka_bootstrap: str) -> str:
+    """The test's broker with message.ingest and message.created created."""
+    await ensure_topics(kafka_bootstrap, CHAT_TEST_PARTITIONS)
+    return kafka_bootstrap
+
+
+@pytest.fixture
+async def producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.stop()

@@ -36,6 +36,7 @@ from roomcast.config import ChatConfig, ConfigError
 from roomcast.embedded import ManagedProcess, free_port, start_tansu
 from roomcast.http import HttpServer
 from roomcast.kafka import ensure_topics
+from tests.integration.conftest import CHAT_TEST_PARTITIONS
 from roomcast.wire.events import (
     CHAT_GROUP,
     CREATED_TOPIC,
@@ -47,7 +48,7 @@ from roomcast.wire.events import (
 )
 
 TIMEOUT_FACTOR = float(os.environ.get("ROOMCAST_TEST_TIMEOUT_FACTOR", "1"))
-PARTITIONS = 2
+PARTITIONS = CHAT_TEST_PARTITIONS  # the topics the `bootstrap` fixture creates
 READY_TIMEOUT_S = 20 * TIMEOUT_FACTOR
 FLOW_TIMEOUT_S = 15 * TIMEOUT_FACTOR
 
@@ -250,22 +251,6 @@ class FlakyStore:
 
 
 # ---- fixtures ------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def bootstrap(kafka_bootstrap: str) -> str:
-    await ensure_topics(kafka_bootstrap, PARTITIONS)
-    return kafka_bootstrap
-
-
-@pytest.fixture
-async def producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
-    p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
-    await p.start()
-    try:
-        yield p
-    finally:
-        await p.stop()
 
 
 @pytest.fixture
