@@ -128,6 +128,10 @@ class GatewayApp:
         self.m_unavailable = m.counter("roomcast_gateway_posts_unavailable_total", "posts answered `unavailable`")
         self.m_produce = m.histogram("roomcast_gateway_kafka_produce_latency_seconds", "message.send to broker ack")
         m.counter_fn("roomcast_gateway_relay_published_total", "message.created events PUBLISHed by this worker", lambda: self.relay.published)
+        m.counter_fn(
+            "roomcast_gateway_relay_offset_holes_total", "message.created fetches held back at a hole in the offsets",
+            lambda: self.relay.offsets.holes_waited,
+        )
         m.gauge("roomcast_gateway_kafka_consumer_lag_messages", "message.created records not yet published", self.relay.lag)
 
     # ---- lifecycle -------------------------------------------------------------

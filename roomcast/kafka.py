@@ -1,16 +1,25 @@
-"""Kafka helpers shared by the gateway and the chat service (topic set-up)."""
+"""Kafka helpers shared by the gateway and the chat service: topic set-up, contiguous fetches."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from typing import TypeVar
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from roomcast.offsets import OffsetGapGuard
 from roomcast.wire.events import CREATED_TOPIC, INGEST_TOPIC
 
-__all__ = ["ensure_topics"]
+__all__ = ["contiguous", "ensure_topics"]
+
+R = TypeVar("R")
+
+# How long a consumer pauses before fetching again a partition held back at a hole.
+_HOLE_RETRY_S = 0.005
 
 log = logging.getLogger("roomcast.kafka")
 
@@ -39,3 +48,38 @@ async def ensure_topics(bootstrap: str, partitions: int, timeout_s: float = 15.0
             log.info("created topics %s with %d partitions", [t.name for t in wanted], partitions)
     finally:
         await admin.close()
+
+
+async def contiguous(
+    consumer: AIOKafkaConsumer, guard: OffsetGapGuard, batch: dict[TopicPartition, list[R]]
+) -> dict[TopicPartition, list[R]]:
+    """The records of a getmany() result that `guard` admits (roomcast.offsets says why).
+
+    A partition held back at a hole is sought back to it, so its records are
+    fetched again once the hole has filled. A partition seen for the first
+    time since its assignment starts from its committed offset.
+    """
+    now = time.monotonic()
+    admitted: dict[TopicPartition, list[R]] = {}
+    held = False
+    for tp, records in batch.items():
+        if not guard.knows(tp):
+            guard.expect(tp, await _committed(consumer, tp))
+        admission = guard.admit(tp, [r.offset for r in records], now)  # type: ignore[attr-defined]
+        if admission.refetch_from is not None:
+            held = True
+            if tp in consumer.assignment():
+                consumer.seek(tp, admission.refetch_from)
+        if admission.keep > admission.skip:
+            admitted[tp] = records[admission.skip : admission.keep]
+    if held and not admitted:
+        await asyncio.sleep(_HOLE_RETRY_S)
+    return admitted
+
+
+async def _committed(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    try:
+        return await consumer.committed(tp)
+    except KafkaError as exc:
+        log.debug("committed offset of %s unknown (%s)", tp, exc)
+        return None

@@ -48,7 +48,9 @@ from aiokafka.structs import ConsumerRecord
 from chat.core.validation import validate_ingest
 from chat.storage.base import MessageStore, StoredMessage, StoreError
 from roomcast.config import ChatConfig
+from roomcast.kafka import contiguous
 from roomcast.metrics import SIZE_BUCKETS, MetricsRegistry
+from roomcast.offsets import OffsetGapGuard
 from roomcast.wire.events import CHAT_GROUP, CREATED_TOPIC, INGEST_TOPIC, IngestRecord, decode_ingest, encode_event
 
 __all__ = ["IngestPipeline", "KafkaTuning", "PipelineStatistics", "wall_clock_ms"]
@@ -141,6 +143,9 @@ class IngestPipeline:
         # (the consumer's position, kept here so lag() never awaits: position()
         # can wait for an offset reset); lag() reads it with highwater().
         self._positions: dict[TopicPartition, int] = {}
+        # Holds back records past a hole in a partition's offsets (the embedded
+        # broker can show a later record before an earlier one: roomcast.offsets).
+        self._offsets = OffsetGapGuard()
         self._init_metrics(metrics if metrics is not None else MetricsRegistry())
 
     def _init_metrics(self, m: MetricsRegistry) -> None:
@@ -152,6 +157,10 @@ class IngestPipeline:
         )
         m.counter_fn("roomcast_chat_malformed_total", "ingest records skipped as undecodable or invalid", lambda: self._malformed)
         m.counter_fn("roomcast_chat_batch_retries_total", "store or produce failures retried", lambda: self._retries)
+        m.counter_fn(
+            "roomcast_chat_offset_holes_total", "fetches held back at a hole in a partition's offsets",
+            lambda: self._offsets.holes_waited,
+        )
         m.counter_fn("roomcast_chat_commit_failures_total", "offset commits refused (a rebalance)", lambda: self._commit_failures)
         m.counter_fn(
             "roomcast_chat_batches_abandoned_total", "batches left uncommitted (revoked, or failing at stop)",
@@ -310,6 +319,7 @@ class IngestPipeline:
                 delay = min(delay * 2, self.tuning.retry_max_s)
                 continue
             delay = self.tuning.retry_initial_s
+            batch = await contiguous(consumer, self._offsets, batch)
             for tp, messages in batch.items():
                 self._positions[tp] = messages[-1].offset + 1
             if batch:
@@ -440,10 +450,12 @@ class IngestPipeline:
                 pass  # the batch sees the new epoch and abandons itself
         self._epoch += 1
         self._positions.clear()  # refreshed after the next fetch
+        self._offsets.forget(revoked)
         if revoked:
             log.info("partitions revoked: %s", _describe_tps(revoked))
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._offsets.forget(assigned)  # they start from their committed offsets
         log.info("partitions assigned: %s", _describe_tps(assigned) or "none")
 
 

@@ -16,6 +16,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
+from roomcast.kafka import contiguous
+from roomcast.offsets import OffsetGapGuard
 from roomcast.wire.events import CREATED_TOPIC, GATEWAY_GROUP, INGEST_TOPIC
 
 __all__ = ["IngestProducer", "CreatedRelay"]
@@ -107,14 +109,16 @@ Publish = Callable[[list[tuple[bytes, bytes]]], Awaitable[None]]
 class _WaitForBatch(ConsumerRebalanceListener):
     """On revocation, wait for the in-flight batch to be published and committed."""
 
-    def __init__(self, lock: asyncio.Lock) -> None:
+    def __init__(self, lock: asyncio.Lock, offsets: OffsetGapGuard) -> None:
         self.lock = lock
+        self.offsets = offsets
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         async with self.lock:
-            pass
+            self.offsets.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.offsets.forget(assigned)  # they start from their committed offsets
         log.info("message.created partitions assigned: %s", sorted(tp.partition for tp in assigned))
 
 
@@ -152,6 +156,9 @@ class CreatedRelay:
         self.published = 0
         self.connected = False
         self._next_offset: dict[TopicPartition, int] = {}
+        # Holds back records past a hole in a partition's offsets (the embedded
+        # broker can show a later record before an earlier one: roomcast.offsets).
+        self.offsets = OffsetGapGuard()
 
     async def start(self) -> None:
         if self._task is None and self.bootstrap:
@@ -173,7 +180,7 @@ class CreatedRelay:
                 heartbeat_interval_ms=max(500, self.session_timeout_ms // 5),
                 max_poll_interval_ms=60_000,
             )
-            consumer.subscribe([CREATED_TOPIC], listener=_WaitForBatch(self._batch_lock))
+            consumer.subscribe([CREATED_TOPIC], listener=_WaitForBatch(self._batch_lock, self.offsets))
             try:
                 await consumer.start()
                 return consumer
@@ -196,6 +203,9 @@ class CreatedRelay:
             if not batches:
                 continue
             async with self._batch_lock:
+                batches = await contiguous(consumer, self.offsets, batches)
+                if not batches:
+                    continue
                 try:
                     await self._relay(consumer, batches)
                     delay = 0.1
@@ -204,6 +214,7 @@ class CreatedRelay:
                     for tp, records in batches.items():
                         if tp in consumer.assignment():
                             consumer.seek(tp, records[0].offset)
+                            self.offsets.expect(tp, records[0].offset)
                     delay = await _backoff(delay)
 
     async def _relay(self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
