@@ -176,7 +176,7 @@ def start_redis(
 def start_tansu(host: str = "127.0.0.1", port: int = 0, log_path: Path | None = None) -> ManagedProcess:
     """Start the Tansu broker (memory storage) and wait until it accepts connections.
 
-    Its quirks (docs/PLATFORM.md): topics must be created explicitly, a waiting
+    Its quirks (README, "Limits"): topics must be created explicitly, a waiting
     fetch is not woken by new data (keep fetch_max_wait_ms small), and a
     restart loses everything.
     """

@@ -23,7 +23,7 @@ sizes, store and produce latency per batch, counts from `statistics()`, and
 the consumer lag: `highwater()` minus the position, per assigned partition
 (ListOffsets(latest) is wrong on the embedded broker).
 
-Embedded-broker notes (docs PLATFORM-NOTES): never the idempotent producer
+Embedded-broker notes (README, "Limits"): never the idempotent producer
 (Tansu has no InitProducerId), a small fetch wait because Tansu does not wake
 waiting fetches, and Tansu's first group generation is 0, for which aiokafka
 skips LeaveGroup on stop; `_leave_generation_zero` sends it so a restart
