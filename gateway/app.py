@@ -290,7 +290,7 @@ class GatewayApp:
         except AuthError as exc:
             return _plain(401, f"{exc}\n".encode())
         may_use = identity.may_use if identity.rooms is not None else _every_room
-        session = Session(identity.user, self.name, self.limits, int(time.time() * 1000), _new_msg_id, may_use)
+        session = Session(identity.user, self.name, self.limits, _new_msg_id, may_use)
         return Connection(self, session, self.config.max_frame_bytes)
 
     # ---- connections ---------------------------------------------------------------

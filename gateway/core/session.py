@@ -77,7 +77,6 @@ class Session:
         user: str,
         gateway: str,
         limits: SessionLimits,
-        now_ms: int,
         new_msg_id: Callable[[], str],
         may_use_room: Callable[[str], bool] = _allow_all,
     ) -> None:

@@ -42,11 +42,12 @@ class Stack:
 
 def _pump(proc: subprocess.Popen[bytes], sink: list[str], ready: threading.Event, marker: str) -> None:
     assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.decode(errors="replace").rstrip()
-        sink.append(line)
-        if marker in line:
-            ready.set()
+    with proc.stdout:  # closed at EOF: a killed process leaves no open pipe behind
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            sink.append(line)
+            if marker in line:
+                ready.set()
 
 
 def start_chat(data_dir: Path, kafka: str, logs: list[str], port: int = 0) -> ManagedProcess:

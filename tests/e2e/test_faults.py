@@ -23,8 +23,10 @@ from pathlib import Path
 
 import pytest
 import websockets
+from aiokafka import AIOKafkaConsumer
 
 from roomcast.embedded import start_redis
+from roomcast.wire.events import INGEST_TOPIC, decode_ingest
 from tests.e2e.stack import Stack, start_chat, start_gateway, start_stack
 from tests.support import scaled
 
@@ -123,6 +125,27 @@ def stored_messages(db_path: Path) -> list[tuple[str, int, str, str]]:
         db.close()
 
 
+async def locate_in_ingest(bootstrap: str, client_msg_ids: set[str]) -> dict[str, tuple[int, int] | None]:
+    """Where each post sits in message.ingest, read from the start (no group): tells a broker
+    that lost an acked record from a consumer that skipped one."""
+    consumer = AIOKafkaConsumer(INGEST_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    found: dict[str, tuple[int, int] | None] = dict.fromkeys(client_msg_ids)
+    try:
+        idle = 0
+        while idle < 5 and any(v is None for v in found.values()):
+            batch = await consumer.getmany(timeout_ms=200)
+            idle = 0 if batch else idle + 1
+            for tp, records in batch.items():
+                for r in records:
+                    cid = decode_ingest(r.value).client_msg_id if r.value else ""
+                    if cid in found:
+                        found[cid] = (tp.partition, r.offset)
+    finally:
+        await consumer.stop()
+    return found
+
+
 async def run_fault_suite(tmp_path: Path, duration_s: float, rounds: int) -> None:
     stack = await asyncio.to_thread(start_stack, tmp_path, 2, 4)
     try:
@@ -215,7 +238,14 @@ async def _exercise(stack: Stack, duration_s: float, rounds: int) -> None:
     }
     print("\nfault suite:", json.dumps(report))
     # Every acked post stored exactly once.
-    assert acked <= stored_ids, f"acked but not stored: {sorted(acked - stored_ids)[:10]}"
+    missing = sorted(acked - stored_ids)
+    if missing:
+        where = await locate_in_ingest(stack.kafka.address, {cid for _, cid in missing[:10]})
+        warnings = [line for line in stack.logs if " WARNING " in line or " ERROR " in line][-30:]
+        pytest.fail(
+            f"acked but not stored: {missing[:10]}\nin message.ingest (partition, offset): {where}\n"
+            "last warnings of the stack:\n" + "\n".join(warnings)
+        )
     assert max(ids.values()) == 1, "a post was stored twice"
     # Every room's seqs are 1..n with no gap.
     for room, seqs in by_room.items():

@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaProducer
 
 from roomcast.embedded import free_port
 from roomcast.kafka import ensure_topics
+from tests.integration.chat_harness import RunningChat
 
 INSTALL_HINT = "apt-get install -y postgresql"
 _PG_LIB = Path("/usr/lib/postgresql")
@@ -209,3 +210,14 @@ async def producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
         yield p
     finally:
         await p.stop()
+
+
+@pytest.fixture
+async def services() -> AsyncIterator[list[RunningChat]]:
+    """Chat services a test starts (append them); each is stopped at the end, even when the test fails."""
+    running: list[RunningChat] = []
+    try:
+        yield running
+    finally:
+        for r in running:
+            await r.crash()

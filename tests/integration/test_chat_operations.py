@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -22,52 +20,27 @@ from aiokafka import AIOKafkaProducer
 from chat.app import ChatService, retention_of, run_chat
 from chat.storage import Retention, StoredMessage, open_store
 from chat.storage.sqlite import SqliteStore
-from roomcast.config import ChatConfig
 from roomcast.embedded import ManagedProcess, free_port, start_tansu
 from roomcast.kafka import ensure_topics
+from tests.integration.chat_harness import (
+    FLOW_TIMEOUT_S,
+    READY_TIMEOUT_S,
+    RunningChat,
+    chat_config,
+    http_get,
+    post,
+    record,
+    wait_until,
+)
 from tests.integration.conftest import CHAT_TEST_PARTITIONS
+from tests.support import TIMEOUT_FACTOR
 from roomcast.wire.events import INGEST_TOPIC, IngestRecord, encode_ingest
 
-TIMEOUT_FACTOR = float(os.environ.get("ROOMCAST_TEST_TIMEOUT_FACTOR", "1"))
 PARTITIONS = CHAT_TEST_PARTITIONS  # the topics the `bootstrap` fixture creates
-READY_TIMEOUT_S = 20 * TIMEOUT_FACTOR
-FLOW_TIMEOUT_S = 15 * TIMEOUT_FACTOR
 T0 = 1_732_650_000_000
 
 
 # ---- helpers -------------------------------------------------------------------
-
-
-def chat_config(bootstrap: str, database_url: str, **over: object) -> ChatConfig:
-    values: dict[str, object] = dict(
-        kafka_bootstrap=bootstrap,
-        database_url=database_url,
-        http_host="127.0.0.1",
-        http_port=0,
-        fetch_max_wait_ms=10,
-        batch_max=50,
-    )
-    values.update(over)
-    return ChatConfig(**values)  # type: ignore[arg-type]
-
-
-def record(room: str, cmid: str, user: str = "alice") -> IngestRecord:
-    return IngestRecord(room, user, f"{user} says {cmid}", cmid, "gw-test", int(time.time() * 1000))
-
-
-async def http_get(port: int, target: str) -> tuple[int, dict[str, str], bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(f"GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return int(lines[0].split(" ")[1]), headers, body
 
 
 def parse_metrics(text: bytes) -> dict[str, float]:
@@ -84,50 +57,6 @@ async def scrape(port: int) -> dict[str, float]:
     status, headers, body = await http_get(port, "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
     return parse_metrics(body)
-
-
-async def wait_until(check: Callable[[], object], what: str, timeout_s: float = FLOW_TIMEOUT_S) -> None:
-    """Polls the async or sync `check` until it returns something true."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
-async def post(producer: AIOKafkaProducer, rec: IngestRecord) -> None:
-    await producer.send_and_wait(INGEST_TOPIC, encode_ingest(rec), key=rec.room.encode())
-
-
-class Running:
-    """A ChatService running in this loop as a task; `port` once its HTTP server listens."""
-
-    def __init__(self, service: ChatService) -> None:
-        self.service = service
-        self.stop_event = asyncio.Event()
-        self.ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.task = asyncio.create_task(service.run(on_ready=self.ready.set_result, stop=self.stop_event))
-
-    async def wait_ready(self) -> int:
-        done, _ = await asyncio.wait({self.ready, self.task}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
-        if self.task in done:
-            self.task.result()
-        assert self.ready in done, "chat service not ready in time"
-        return self.ready.result()
-
-    async def wait_listening(self) -> int:
-        await wait_until(lambda: self.task.done() or self.service.http.port, "the HTTP port", READY_TIMEOUT_S)
-        if self.task.done():
-            self.task.result()
-        return self.service.http.port
-
-    async def stop(self) -> None:
-        self.stop_event.set()
-        await asyncio.wait_for(self.task, 20 * TIMEOUT_FACTOR)
 
 
 class GatedSqliteStore(SqliteStore):
@@ -152,19 +81,6 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "postgres":
         return str(request.getfixturevalue("postgres_url"))
     return f"sqlite:///{tmp_path / 'chat.db'}"
-
-
-@pytest.fixture
-async def services() -> AsyncIterator[list[Running]]:
-    """Every service a test starts is stopped at the end, even when the test fails."""
-    running: list[Running] = []
-    try:
-        yield running
-    finally:
-        for r in running:
-            if not r.task.done():
-                r.task.cancel()
-            await asyncio.gather(r.task, return_exceptions=True)
 
 
 # ---- metrics, and the store chosen by database_url -------------------------------------
@@ -226,11 +142,11 @@ async def test_metrics_move_with_traffic_and_history_keeps_the_retention_count(
 
 
 async def test_consumer_lag_grows_while_the_store_stalls_and_returns_to_0(
-    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, services: list[Running]
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, services: list[RunningChat]
 ) -> None:
     config = chat_config(bootstrap, "unused")
     store = GatedSqliteStore(tmp_path / "chat.db")
-    running = Running(ChatService(config, store))
+    running = RunningChat(ChatService(config, store))
     services.append(running)
     port = await running.wait_ready()
     await post(producer, record("r1", "first"))
@@ -263,10 +179,10 @@ async def _metric_is(port: int, name: str, value: float) -> bool:
 # ---- readiness ----------------------------------------------------------------------------
 
 
-async def test_readyz_is_503_until_the_kafka_consumer_starts_then_200(tmp_path: Path, services: list[Running]) -> None:
+async def test_readyz_is_503_until_the_kafka_consumer_starts_then_200(tmp_path: Path, services: list[RunningChat]) -> None:
     kafka_port = free_port()
     config = chat_config(f"127.0.0.1:{kafka_port}", f"sqlite:///{tmp_path / 'chat.db'}")
-    running = Running(ChatService(config, open_store(config.database_url)))
+    running = RunningChat(ChatService(config, open_store(config.database_url)))
     services.append(running)
     port = await running.wait_listening()
     # History is served while Kafka is away, but the instance is not ready.
@@ -286,10 +202,10 @@ async def test_readyz_is_503_until_the_kafka_consumer_starts_then_200(tmp_path: 
 
 
 async def test_readyz_turns_503_as_soon_as_a_stop_begins(
-    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, services: list[Running]
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, services: list[RunningChat]
 ) -> None:
     store = GatedSqliteStore(tmp_path / "chat.db")
-    running = Running(ChatService(chat_config(bootstrap, "unused"), store))
+    running = RunningChat(ChatService(chat_config(bootstrap, "unused"), store))
     services.append(running)
     port = await running.wait_ready()
     assert (await http_get(port, "/readyz"))[0] == 200
@@ -310,13 +226,13 @@ async def test_readyz_turns_503_as_soon_as_a_stop_begins(
 
 
 async def test_retention_age_sweep_moves_history_oldest_seq_over_http(
-    bootstrap: str, database_url: str, producer: AIOKafkaProducer, services: list[Running]
+    bootstrap: str, database_url: str, producer: AIOKafkaProducer, services: list[RunningChat]
 ) -> None:
     now = [T0]
     config = chat_config(bootstrap, database_url, retention_count=0, retention_age_s=60)
     assert retention_of(config) == Retention(keep_ms=60_000)
     store = open_store(config.database_url, retention=retention_of(config))
-    running = Running(ChatService(config, store, clock_ms=lambda: now[0], retention_sweep_s=0.05))
+    running = RunningChat(ChatService(config, store, clock_ms=lambda: now[0], retention_sweep_s=0.05))
     services.append(running)
     port = await running.wait_ready()
     for i in range(3):

@@ -37,7 +37,10 @@ from roomcast.config import ChatConfig, ConfigError
 from roomcast.embedded import ManagedProcess, free_port, start_tansu
 from roomcast.http import HttpServer
 from roomcast.kafka import ensure_topics
+from tests.integration.chat_harness import FLOW_TIMEOUT_S, READY_TIMEOUT_S, RunningChat, http_get, post, record
+from tests.integration.chat_harness import chat_config as harness_config
 from tests.integration.conftest import CHAT_TEST_PARTITIONS
+from tests.support import TIMEOUT_FACTOR
 from roomcast.wire.events import (
     CHAT_GROUP,
     CREATED_TOPIC,
@@ -48,62 +51,14 @@ from roomcast.wire.events import (
     encode_ingest,
 )
 
-TIMEOUT_FACTOR = float(os.environ.get("ROOMCAST_TEST_TIMEOUT_FACTOR", "1"))
 PARTITIONS = CHAT_TEST_PARTITIONS  # the topics the `bootstrap` fixture creates
-READY_TIMEOUT_S = 20 * TIMEOUT_FACTOR
-FLOW_TIMEOUT_S = 15 * TIMEOUT_FACTOR
 
 
 # ---- helpers -------------------------------------------------------------------
 
 
 def chat_config(bootstrap: str, tmp_path: Path, **over: object) -> ChatConfig:
-    values: dict[str, object] = dict(
-        kafka_bootstrap=bootstrap,
-        database_url=f"sqlite:///{tmp_path / 'chat.db'}",
-        http_host="127.0.0.1",
-        http_port=0,
-        fetch_max_wait_ms=10,
-        batch_max=50,
-    )
-    values.update(over)
-    return ChatConfig(**values)  # type: ignore[arg-type]
-
-
-def record(room: str, cmid: str, user: str = "alice", body: str | None = None) -> IngestRecord:
-    return IngestRecord(room, user, body if body is not None else f"{user} says {cmid}", cmid, "gw-test", int(time.time() * 1000))
-
-
-class Running:
-    """A chat service running in this loop, as a task."""
-
-    def __init__(self, service: ChatService) -> None:
-        self.service = service
-        self.stop_event = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-        self.port = 0
-
-    async def start(self) -> Running:
-        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.task = asyncio.create_task(self.service.run(on_ready=ready.set_result, stop=self.stop_event))
-        done, _ = await asyncio.wait({ready, self.task}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
-        if self.task in done:
-            self.task.result()
-        assert ready in done, "chat service not ready in time"
-        self.port = ready.result()
-        return self
-
-    async def stop(self) -> None:
-        """Graceful: the SIGTERM path."""
-        self.stop_event.set()
-        if self.task is not None:
-            await asyncio.wait_for(self.task, 20 * TIMEOUT_FACTOR)
-
-    async def crash(self) -> None:
-        """Cancel the service task: the batch in flight is neither finished nor committed."""
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+    return harness_config(bootstrap, f"sqlite:///{tmp_path / 'chat.db'}", **over)
 
 
 class CreatedReader:
@@ -192,22 +147,6 @@ async def committed_offsets(bootstrap: str) -> dict[int, int | None]:
         await consumer.stop()
 
 
-async def http_get(port: int, target: str, extra_header: str = "") -> tuple[int, dict[str, str], bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    extra = extra_header + "\r\n" if extra_header else ""
-    try:
-        writer.write(f"GET {target} HTTP/1.1\r\nHost: t\r\n{extra}Connection: close\r\n\r\n".encode())
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return int(lines[0].split(" ")[1]), headers, body
-
-
 class FlakyStore:
     """A real store whose store_batch can be made to fail or to hang after storing.
 
@@ -264,25 +203,11 @@ async def created(bootstrap: str) -> AsyncIterator[CreatedReader]:
         await reader.aclose()
 
 
-@pytest.fixture
-async def services() -> AsyncIterator[list[Running]]:
-    """Every service a test starts is stopped at the end, even when the test fails."""
-    running: list[Running] = []
-    try:
-        yield running
-    finally:
-        for r in running:
-            await r.crash()
-
-
-async def start_service(services: list[Running], config: ChatConfig, store: MessageStore | None = None) -> Running:
-    r = Running(ChatService(config, store or open_store(config.database_url)))
+async def start_service(services: list[RunningChat], config: ChatConfig, store: MessageStore | None = None) -> RunningChat:
+    r = RunningChat(ChatService(config, store or open_store(config.database_url)))
     services.append(r)
-    return await r.start()
-
-
-async def post(producer: AIOKafkaProducer, rec: IngestRecord) -> None:
-    await producer.send_and_wait(INGEST_TOPIC, encode_ingest(rec), key=rec.room.encode())
+    await r.wait_ready()
+    return r
 
 
 # ---- the flow ---------------------------------------------------------------------------
@@ -331,7 +256,7 @@ async def test_posts_are_stored_once_gap_free_and_published_in_seq_order(
 
 
 async def test_ingest_to_created_latency_is_small(
-    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[Running]
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[RunningChat]
 ) -> None:
     await start_service(services, chat_config(bootstrap, tmp_path))
     latencies = []
@@ -347,7 +272,7 @@ async def test_ingest_to_created_latency_is_small(
 
 
 async def test_malformed_records_are_skipped_and_later_ones_still_flow(
-    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[Running]
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[RunningChat]
 ) -> None:
     config = chat_config(bootstrap, tmp_path)
     running = await start_service(services, config)
@@ -383,7 +308,7 @@ async def test_malformed_records_are_skipped_and_later_ones_still_flow(
 
 
 async def test_nothing_is_committed_before_produce_and_a_crash_there_is_healed(
-    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[Running]
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[RunningChat]
 ) -> None:
     config = chat_config(bootstrap, tmp_path)
     flaky = FlakyStore(open_store(config.database_url))
@@ -413,7 +338,7 @@ async def test_nothing_is_committed_before_produce_and_a_crash_there_is_healed(
 
 
 async def test_a_failing_store_is_retried_without_committing_and_nothing_is_lost(
-    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[Running]
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[RunningChat]
 ) -> None:
     config = chat_config(bootstrap, tmp_path)
     flaky = FlakyStore(open_store(config.database_url))
@@ -434,7 +359,7 @@ async def test_a_failing_store_is_retried_without_committing_and_nothing_is_lost
 
 
 async def test_restarts_mid_stream_lose_nothing_and_store_nothing_twice(
-    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[Running]
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[RunningChat]
 ) -> None:
     config = chat_config(bootstrap, tmp_path, batch_max=7)
     rooms = [f"room-{k}" for k in range(5)]
@@ -463,14 +388,14 @@ async def test_restarts_mid_stream_lose_nothing_and_store_nothing_twice(
 
 
 async def test_stop_is_bounded_when_the_store_keeps_failing(
-    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, services: list[Running]
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, services: list[RunningChat]
 ) -> None:
     config = chat_config(bootstrap, tmp_path)
     flaky = FlakyStore(open_store(config.database_url))
     service = ChatService(config, flaky, tuning=KafkaTuning(shutdown_grace_s=0.5))
-    running = Running(service)
+    running = RunningChat(service)
     services.append(running)
-    await running.start()
+    await running.wait_ready()
     flaky.fail_next = 10**9
     await post(producer, record("r1", "c-1"))
     while flaky.calls < 2:
@@ -524,7 +449,7 @@ async def test_stop_while_kafka_is_unreachable_returns_promptly(tmp_path: Path) 
 
 
 async def test_history_api_over_a_real_socket_through_the_running_service(
-    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[Running]
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[RunningChat]
 ) -> None:
     running = await start_service(services, chat_config(bootstrap, tmp_path))
     for i in range(7):
@@ -687,7 +612,7 @@ def test_jwt_mode_without_a_key_stops_start_up(tmp_path: Path) -> None:
 
 
 async def test_a_second_instance_joining_and_the_first_leaving_lose_and_double_nothing(
-    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[Running]
+    bootstrap: str, tmp_path: Path, producer: AIOKafkaProducer, created: CreatedReader, services: list[RunningChat]
 ) -> None:
     # Both instances share the database, as they share Postgres in production.
     # Posts flow the whole time: through the join of the second (partitions
@@ -774,7 +699,7 @@ async def test_a_produce_failure_is_retried_without_commit_or_loss(
     tmp_path: Path,
     producer: AIOKafkaProducer,
     created: CreatedReader,
-    services: list[Running],
+    services: list[RunningChat],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # The broker is frozen (SIGSTOP) right after a batch is stored, for longer
@@ -785,9 +710,9 @@ async def test_a_produce_failure_is_retried_without_commit_or_loss(
     config = chat_config(bootstrap, tmp_path)
     flaky = FlakyStore(open_store(config.database_url))
     service = ChatService(config, flaky, tuning=KafkaTuning(request_timeout_ms=1000))
-    running = Running(service)
+    running = RunningChat(service)
     services.append(running)
-    await running.start()
+    await running.wait_ready()
     thaw: list[asyncio.Task[None]] = []
 
     async def freeze_for_a_while() -> None:
@@ -816,7 +741,7 @@ async def test_a_produce_failure_is_retried_without_commit_or_loss(
 
 
 async def test_posts_from_concurrent_producers_are_never_skipped(
-    bootstrap: str, tmp_path: Path, services: list[Running]
+    bootstrap: str, tmp_path: Path, services: list[RunningChat]
 ) -> None:
     """Several gateways produce to one partition at once while the service consumes it.
 

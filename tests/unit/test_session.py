@@ -19,7 +19,7 @@ T0 = 1_732_650_000_000
 def make_session(*, may_use_room=None, **limits) -> Session:
     ids = (f"gen-{n}" for n in itertools.count(1))
     kwargs = {} if may_use_room is None else {"may_use_room": may_use_room}
-    return Session("alice", "gw-1", SessionLimits(**limits), T0, lambda: next(ids), **kwargs)
+    return Session("alice", "gw-1", SessionLimits(**limits), lambda: next(ids), **kwargs)
 
 
 def frame(**obj) -> str:
@@ -83,7 +83,7 @@ def test_session_post_without_client_msg_id_gets_a_generated_one():
 
 def test_session_post_with_client_msg_id_does_not_generate_one():
     calls = []
-    s = Session("alice", "gw-1", SessionLimits(), T0, lambda: calls.append(1) or "gen")
+    s = Session("alice", "gw-1", SessionLimits(), lambda: calls.append(1) or "gen")
     s.receive_text(T0, send(client_msg_id="c-1"))
     assert calls == []
 
