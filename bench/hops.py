@@ -443,7 +443,8 @@ class Options:
     smoke: bool
     drain_timeout_s: float = 20.0
     profile_dir: str = ""
-    bench_linger_ms: int = 0  # the bench's own producer on message.created (kafka hop)  # py-spy the Python services during the measured phase, into this directory
+    bench_linger_ms: int = 0  # the bench's own producer on message.created (kafka hop)
+    chat_linger_ms: int | None = None  # the chat service's producer, when it differs from produce_linger_ms
 
 
 def _pin_gateways(pids: Sequence[int], opts: Options) -> None:
@@ -617,7 +618,9 @@ def _kafka_settings(opts: Options) -> dict[str, Any]:
         "gateway_fetch_max_wait_ms": opts.fetch_max_wait_ms if opts.fetch_max_wait_ms is not None else GatewayConfig.fetch_max_wait_ms,
         "gateway_produce_linger_ms": opts.produce_linger_ms if opts.produce_linger_ms is not None else GatewayConfig.produce_linger_ms,
         "chat_fetch_max_wait_ms": opts.fetch_max_wait_ms if opts.fetch_max_wait_ms is not None else ChatConfig.fetch_max_wait_ms,
-        "chat_produce_linger_ms": opts.produce_linger_ms if opts.produce_linger_ms is not None else ChatConfig.produce_linger_ms,
+        "chat_produce_linger_ms": next(
+            v for v in (opts.chat_linger_ms, opts.produce_linger_ms, ChatConfig.produce_linger_ms) if v is not None
+        ),
         "bench_producer_linger_ms": opts.bench_linger_ms,
         "partitions": opts.partitions,
     }
@@ -750,7 +753,8 @@ async def run_e2e_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
     saved = {k: os.environ.get(k) for k in env_set}
     os.environ.update(env_set)
     try:
-        stack = await asyncio.to_thread(start_stack, work, opts.gateways, opts.partitions)
+        chat_args = ["--produce-linger-ms", str(opts.chat_linger_ms)] if opts.chat_linger_ms is not None else []
+        stack = await asyncio.to_thread(start_stack, work, opts.gateways, opts.partitions, chat_args)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -875,6 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=None, help="seconds sent first and not counted (default 3; smoke 1)")
     p.add_argument("--fetch-max-wait-ms", type=int, default=None, help="Kafka consumer fetch wait of gateway and chat (default: their config default, 10)")
     p.add_argument("--produce-linger-ms", type=int, default=None, help="Kafka producer linger of gateway and chat (default: theirs, 2 and 1)")
+    p.add_argument("--chat-linger-ms", type=int, default=None, help="Kafka producer linger of the chat service alone, in the e2e hop (default: --produce-linger-ms, else its own 1)")
     p.add_argument("--bench-linger-ms", type=int, default=0, help="linger of the bench's own producer on message.created in the kafka hop (default 0)")
     p.add_argument("--partitions", type=int, default=4, help="partitions of each topic (default 4)")
     p.add_argument("--gateways", type=int, default=1, help="gateway processes in the e2e hop (default 1)")
@@ -907,6 +912,7 @@ def main(argv: list[str] | None = None) -> int:
         drain_timeout_s=20.0,
         profile_dir=args.profile,
         bench_linger_ms=args.bench_linger_ms,
+        chat_linger_ms=args.chat_linger_ms,
     )
     hops = [h.strip() for h in args.hops.split(",") if h.strip()]
     unknown = [h for h in hops if h not in HOPS]

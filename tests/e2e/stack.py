@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,14 +51,14 @@ def _pump(proc: subprocess.Popen[bytes], sink: list[str], ready: threading.Event
                 ready.set()
 
 
-def start_chat(data_dir: Path, kafka: str, logs: list[str], port: int = 0) -> ManagedProcess:
+def start_chat(data_dir: Path, kafka: str, logs: list[str], port: int = 0, *extra: str) -> ManagedProcess:
     port = port or free_port()
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "roomcast.cli", "chat",
             "--kafka-bootstrap", kafka,
             "--database-url", f"sqlite:///{data_dir / 'chat.db'}",
-            "--http-host", "127.0.0.1", "--http-port", str(port),
+            "--http-host", "127.0.0.1", "--http-port", str(port), *extra,
         ],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
@@ -85,12 +86,12 @@ def start_gateway(redis_url: str, kafka: str, history_url: str, logs: list[str],
     return ManagedProcess("gateway", proc, "127.0.0.1", port)
 
 
-def start_stack(data_dir: Path, gateways: int = 2, partitions: int = 4) -> Stack:
+def start_stack(data_dir: Path, gateways: int = 2, partitions: int = 4, chat_args: Sequence[str] = ()) -> Stack:
     logs: list[str] = []
     redis = start_redis(log_path=data_dir / "redis.log")
     kafka = start_tansu(log_path=data_dir / "kafka.log")
     asyncio.run(ensure_topics(kafka.address, partitions))
-    chat = start_chat(data_dir, kafka.address, logs)
+    chat = start_chat(data_dir, kafka.address, logs, 0, *chat_args)
     history_url = f"http://127.0.0.1:{chat.port}/"
     gws = [start_gateway(f"redis://{redis.address}", kafka.address, history_url, logs) for _ in range(gateways)]
     time.sleep(0.1)
