@@ -507,15 +507,7 @@ async def _drive(
     complete = await fleet.wait_received(expected, opts.drain_timeout_s)
     received, disorder = fleet.totals()
     return {
-        "sent": sent,
-        "measured_messages": total - warm,
-        "deliveries_expected": expected,
-        "deliveries_received": received,
-        "lost": max(0, expected - received),
-        "extra": max(0, received - expected),
-        "out_of_order": disorder,
-        "complete": complete,
-        "client_errors": fleet.errors[:10],
+        **_counts(fleet, sent, total - warm, expected, received, disorder, complete),
         **pacing,
         **cpu,
         "profiles": profiles,
@@ -727,18 +719,23 @@ async def _drive_acks(
     while fleet.acked - start_acks < total and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     got = fleet.acked - start_acks
+    return {**_counts(fleet, total, total - warm, total, got, 0, got >= total), **pacing, **cpu}
+
+
+def _counts(
+    fleet: Fleet, sent: int, measured: int, expected: int, received: int, out_of_order: int, complete: bool
+) -> dict[str, Any]:
+    """The loss and order figures of one paced run (deliveries, or acks)."""
     return {
-        "sent": total,
-        "measured_messages": total - warm,
-        "deliveries_expected": total,
-        "deliveries_received": got,
-        "lost": max(0, total - got),
-        "extra": max(0, got - total),
-        "out_of_order": 0,
-        "complete": got >= total,
+        "sent": sent,
+        "measured_messages": measured,
+        "deliveries_expected": expected,
+        "deliveries_received": received,
+        "lost": max(0, expected - received),
+        "extra": max(0, received - expected),
+        "out_of_order": out_of_order,
+        "complete": complete,
         "client_errors": fleet.errors[:10],
-        **pacing,
-        **cpu,
     }
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TypeVar
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -16,7 +16,7 @@ from roomcast.wire.events import CREATED_TOPIC, INGEST_TOPIC
 
 __all__ = ["contiguous", "ensure_topics"]
 
-R = TypeVar("R")
+Fetched = dict[TopicPartition, list[ConsumerRecord[Any, Any]]]  # what getmany() returns
 
 # How long a consumer pauses before fetching again a partition held back at a hole.
 _HOLE_RETRY_S = 0.005
@@ -50,9 +50,7 @@ async def ensure_topics(bootstrap: str, partitions: int, timeout_s: float = 15.0
         await admin.close()
 
 
-async def contiguous(
-    consumer: AIOKafkaConsumer, guard: OffsetGapGuard, batch: dict[TopicPartition, list[R]]
-) -> dict[TopicPartition, list[R]]:
+async def contiguous(consumer: AIOKafkaConsumer, guard: OffsetGapGuard, batch: Fetched) -> Fetched:
     """The records of a getmany() result that `guard` admits (roomcast.offsets says why).
 
     A partition held back at a hole is sought back to it, so its records are
@@ -60,12 +58,12 @@ async def contiguous(
     time since its assignment starts from its committed offset.
     """
     now = time.monotonic()
-    admitted: dict[TopicPartition, list[R]] = {}
+    admitted: Fetched = {}
     held = False
     for tp, records in batch.items():
         if not guard.knows(tp):
             guard.expect(tp, await _committed(consumer, tp))
-        admission = guard.admit(tp, [r.offset for r in records], now)  # type: ignore[attr-defined]
+        admission = guard.admit(tp, [r.offset for r in records], now)
         if admission.refetch_from is not None:
             held = True
             if tp in consumer.assignment():

@@ -392,6 +392,16 @@ def start_client(ctx: Ctx, port: int, conns: int, rooms: int, prefix: str, tag: 
     return client, info
 
 
+def stop_pair(client: Proc | None, srv: Proc | None, client_timeout_s: float, server_timeout_s: float) -> None:
+    """Tell the load client to quit, then stop it and the server (either may not have started)."""
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.send("quit\n")
+        client.stop(client_timeout_s)
+    if srv is not None:
+        srv.stop(server_timeout_s)
+
+
 def measure(ctx: Ctx, server: str, rooms: int, members: int, mode: str, run: int) -> dict[str, Any]:
     """One server, one grid cell, one mode: fresh server and client, publish, drain, report."""
     a = ctx.args
@@ -485,12 +495,7 @@ def measure(ctx: Ctx, server: str, rooms: int, members: int, mode: str, run: int
     except Exception as exc:  # one failed cell must not sink the run
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.send("quit\n")
-            client.stop(5)
-        if srv is not None:
-            srv.stop(10)
+        stop_pair(client, srv, 5, 10)
         with contextlib.suppress(OSError):
             progress.unlink()
     return result
@@ -590,12 +595,7 @@ def measure_ceiling(ctx: Ctx, rooms: int, members: int, batch: int, run: int) ->
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.send("quit\n")
-            client.stop(5)
-        if srv is not None:
-            srv.stop(5)
+        stop_pair(client, srv, 5, 5)
     return result
 
 
@@ -631,12 +631,7 @@ def measure_idle(ctx: Ctx, server: str, requested: int) -> dict[str, Any]:
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.send("quit\n")
-            client.stop(10)
-        if srv is not None:
-            srv.stop(20)
+        stop_pair(client, srv, 10, 20)
     return result
 
 
