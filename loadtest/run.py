@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from roomcast.embedded import stop_process
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -90,15 +91,8 @@ def start_stack(data_dir: Path, workers: int, timeout_s: float = 90.0) -> tuple[
     return proc, found[0], lines
 
 
-def stop_stack(proc: subprocess.Popen[bytes], timeout_s: float = 40.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+def stop_stack(proc: subprocess.Popen[bytes]) -> None:
+    stop_process(proc, timeout_s=40.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ __all__ = [
     "start_redis",
     "start_redis_cluster",
     "start_tansu",
+    "stop_process",
     "wait_for_port",
 ]
 
@@ -95,16 +96,20 @@ class ManagedProcess:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after timeout_s. Idempotent."""
-        if self.alive():
-            try:
-                self.proc.send_signal(signal.SIGCONT)  # a frozen process cannot act on SIGTERM
-                self.proc.terminate()
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout_s)
-        else:
-            self.proc.wait()
+        stop_process(self.proc, timeout_s)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL after timeout_s; reaps the process. Idempotent."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGCONT)  # a frozen process cannot act on SIGTERM
+        proc.terminate()
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def find_redis_server() -> str:

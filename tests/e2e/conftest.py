@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from roomcast.embedded import free_port
+from roomcast.embedded import free_port, stop_process
 from tests.support import TIMEOUT_FACTOR
 
 __all__ = ["DevStack", "dev_stack", "READY_TIMEOUT_S", "STOP_TIMEOUT_S"]
@@ -73,7 +72,8 @@ def parse_ready_line(line: str) -> dict[str, str] | None:
 def _pump(proc: subprocess.Popen[bytes], log_path: Path, lines: list[str], ready: list[dict[str, str]], seen: threading.Event) -> None:
     """Read the stack's output to the end (so its pipe never fills), keeping it and looking for the ready line."""
     assert proc.stdout is not None
-    with log_path.open("w", encoding="utf-8") as log:
+    # The pipe is closed at EOF: left to the garbage collector it warns in a later test.
+    with proc.stdout, log_path.open("w", encoding="utf-8") as log:
         for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
             lines.append(line)
@@ -89,17 +89,6 @@ def _pump(proc: subprocess.Popen[bytes], log_path: Path, lines: list[str], ready
                     ready.append(pairs)
                     seen.set()
     seen.set()  # end of output: the process is gone
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +128,7 @@ def dev_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
                 f"exited with {proc.poll()}" if proc.poll() is not None
                 else f"printed no `roomcast ready ...` line within {READY_TIMEOUT_S:.0f} s"
             )
-            _stop(proc)
+            stop_process(proc, STOP_TIMEOUT_S)
             pump.join(5)
             output = "\n".join(lines[-200:]) or "(no output)"
             pytest.fail(f"roomcast dev {why}; its output:\n{output}", pytrace=False)
@@ -147,5 +136,5 @@ def dev_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
         stack = DevStack(pairs["ws"], pairs["redis"], pairs["kafka"], pairs["history"], pairs["page"], proc)
         yield stack
     finally:
-        _stop(proc)
+        stop_process(proc, STOP_TIMEOUT_S)
         pump.join(5)
