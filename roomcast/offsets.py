@@ -77,10 +77,12 @@ class OffsetGapGuard:
 
     def admit(self, partition: Hashable, offsets: Sequence[int], now_s: float) -> Admission:
         """Which of these fetched records (by offset, ascending) may be processed now."""
+        if not offsets:
+            return Admission(0, 0, None)
         expected = self._next.get(partition)
         skip = 0
         if expected is None:
-            expected = offsets[0] if offsets else 0
+            expected = offsets[0]
         while skip < len(offsets) and offsets[skip] < expected:
             skip += 1  # already processed (fetched again after a seek)
         keep = skip

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 import websockets
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from gateway.adapters.kafka import CreatedRelay
 from gateway.app import GatewayApp
 from roomcast.config import GatewayConfig
 from roomcast.kafka import ensure_topics
@@ -349,3 +350,39 @@ async def test_readyz_is_503_while_kafka_is_unreachable_and_posts_get_unavailabl
         await c.close()
     finally:
         await app.drain()
+
+
+async def test_relay_rewinds_after_a_failed_publish_and_skips_nothing(kafka_bootstrap: str) -> None:
+    """A PUBLISH that fails (Redis down) is retried from the batch's first record:
+    every event is published, in order per room, and none is lost to the rewind."""
+    await ensure_topics(kafka_bootstrap, partitions=2)
+    rooms = ["rw-a", "rw-b", "rw-c"]
+    published: list[tuple[str, int]] = []
+    calls = 0
+
+    async def publish(records: list[tuple[bytes, bytes]]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls in (2, 3):  # the second and third fetches fail, and are retried
+            raise ConnectionError("redis is down")
+        published.extend((k.decode(), json.loads(v)["seq"]) for k, v in records)
+
+    relay = CreatedRelay(kafka_bootstrap, publish, fetch_max_wait_ms=10, client_id="t-rewind", max_records=5)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+    await relay.start()
+    try:
+        for seq in range(1, 21):
+            for room in rooms:
+                await producer.send_and_wait(CREATED_TOPIC, event(room, seq), key=room.encode())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + scaled(20)
+        while len(published) < 60 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        assert calls > 3, "the failing publishes were never retried"
+        for room in rooms:
+            seqs = [seq for r, seq in published if r == room]
+            assert seqs == list(range(1, 21)), f"{room}: {seqs}"
+    finally:
+        await relay.aclose()
+        await producer.stop()

@@ -204,7 +204,7 @@ async def test_a_peer_that_answers_no_ping_is_dropped_and_a_live_one_is_kept(red
     try:
         live = await Client.connect(ws_url(app), "live")  # websockets answers pings by itself
         await live.join("hb")
-        for _ in range(40):
+        for _ in range(int(scaled(40))):
             if app.metrics.value("roomcast_gateway_dead_peer_drops_total") >= 1:
                 break
             await asyncio.sleep(0.05)

@@ -76,6 +76,15 @@ def test_an_unknown_start_takes_the_first_record_and_forget_clears_partitions():
     assert not guard.knows(P)
 
 
+def test_an_empty_fetch_changes_nothing():
+    guard = OffsetGapGuard()
+    assert guard.admit(P, [], 0.0) == Admission(0, 0, None)
+    assert not guard.knows(P)  # an unknown start stays unknown
+    guard.expect(P, 7)
+    assert guard.admit(P, [], 0.0) == Admission(0, 0, None)
+    assert guard.admit(P, [7], 0.0) == Admission(0, 1, None)
+
+
 def test_partitions_are_independent():
     guard = OffsetGapGuard()
     other = ("message.ingest", 1)
