@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,8 +30,10 @@ from chat.adapters.http import Authorizer, build_http_server
 from chat.adapters.kafka import IngestPipeline, KafkaTuning, PipelineStatistics, wall_clock_ms
 from chat.storage import MessageStore, Retention, StoreError, open_store
 from roomcast.config import ChatConfig
+from roomcast.kafka import ConsumerStalled
 from roomcast.logs import setup_logging
 from roomcast.metrics import MetricsRegistry
+from roomcast.stopping import StopAction, StopSignals
 
 __all__ = ["RETENTION_SWEEP_S", "SHUTDOWN_TIMEOUT_S", "ChatService", "main", "retention_of", "run_chat"]
 
@@ -224,11 +227,19 @@ def main(config: ChatConfig) -> None:
     if not logging.getLogger().handlers:  # the CLI sets logging up; a bare call gets the same
         setup_logging(config.log_level, config.log_format == "json")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(run_chat(config))
+        try:
+            runner.run(run_chat(config))
+        except ConsumerStalled as exc:
+            # Rejoining did not help: exit non-zero so the supervisor or
+            # Kubernetes starts a fresh process.
+            log.error("%s: exiting", exc)
+            sys.exit(3)
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
-    """First SIGTERM/SIGINT sets `stop`; a second one cancels the running task (forced exit).
+    """First SIGTERM/SIGINT sets `stop`; a later one cancels the running task (forced exit).
+
+    The same stop arriving twice (roomcast.stopping) is not a second one.
 
     Only for a signal still at Python's default disposition: a program that
     embeds run_chat and handles signals itself (the dev stack) keeps its own
@@ -240,11 +251,14 @@ def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
     task = asyncio.current_task()
     installed: list[int] = []
 
+    signals = StopSignals()
+
     def on_signal(signum: int) -> None:
-        if not stop.is_set():
+        action = signals.received(time.monotonic())
+        if action is StopAction.DRAIN:
             log.info("%s: draining (send it again to force exit)", signal.Signals(signum).name)
             stop.set()
-        elif task is not None:
+        elif action is StopAction.FORCE and task is not None:
             log.warning("second %s: exiting without a full drain", signal.Signals(signum).name)
             task.cancel()
 

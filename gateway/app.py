@@ -32,6 +32,7 @@ from roomcast.auth import AuthError, Authenticator, mint
 from roomcast.config import GatewayConfig, gateway_id
 from roomcast.http import HttpServer, Router
 from roomcast.metrics import SIZE_BUCKETS, MetricsRegistry
+from roomcast.stopping import StopAction, StopSignals
 from roomcast.wire.codes import CloseCode, ErrorCode
 from roomcast.wire.events import ROOM_CHANNEL_PREFIX, encode_ingest
 from roomcast.wire.frames import encode_ack, encode_error, encode_joined, encode_left
@@ -92,7 +93,13 @@ class GatewayApp:
             self.publish_events,
             fetch_max_wait_ms=config.fetch_max_wait_ms,
             client_id=self.name,
+            session_timeout_ms=config.kafka_session_timeout_ms,
+            # Static membership: a restarted worker takes its partitions back
+            # without a rebalance (real Kafka; the embedded broker cannot).
+            static_member_id=self.name if config.kafka_static_membership else None,
+            on_stalled=self._on_relay_stalled,
         )
+        self.exit_code = 0
         self.auth = Authenticator.from_config(config)
         self.history = HistoryClient(config.history_url, token=_service_token(config)) if config.history_url else None
         self.connections: set[Connection] = set()
@@ -133,6 +140,11 @@ class GatewayApp:
             lambda: self.relay.offsets.holes_waited,
         )
         m.gauge("roomcast_gateway_kafka_consumer_lag_messages", "message.created records not yet published", self.relay.lag)
+        m.counter_fn(
+            "roomcast_gateway_relay_watchdog_actions_total",
+            "times the relay was found stuck (out of its group, or no progress with records waiting) and rejoined or gave up",
+            lambda: self.relay.member.watchdog.actions,
+        )
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -173,8 +185,15 @@ class GatewayApp:
 
     @property
     def ready(self) -> bool:
-        kafka_ok = not self.config.kafka_bootstrap or (self.producer.ready and self.relay.connected)
+        kafka_ok = not self.config.kafka_bootstrap or (self.producer.ready and self.relay.live)
         return not self.draining and self.subscriber.connected and kafka_ok
+
+    def _on_relay_stalled(self, exc: Exception) -> None:
+        # Rejoining did not help: drain (clients reconnect elsewhere) and exit
+        # non-zero, so the supervisor or Kubernetes starts a fresh worker.
+        log.error("the relay is stuck after its rejoins (%s): draining and exiting", exc)
+        self.exit_code = 3
+        self.spawn(self.drain())
 
     async def drain(self) -> None:
         """Graceful shutdown, bounded by drain_timeout_s; later calls wait for the first.
@@ -563,18 +582,21 @@ def _new_msg_id() -> str:
 # ---- processes ---------------------------------------------------------------------------
 
 
-async def run_worker(config: GatewayConfig, worker_index: int = 0, on_ready: Callable[[GatewayApp], None] | None = None) -> None:
-    """Run one worker until SIGTERM/SIGINT, then drain. A second signal forces exit."""
+async def run_worker(config: GatewayConfig, worker_index: int = 0, on_ready: Callable[[GatewayApp], None] | None = None) -> int:
+    """Run one worker until SIGTERM/SIGINT, then drain; returns the exit code.
+
+    A later signal (not the same stop arriving twice: roomcast.stopping)
+    forces the exit.
+    """
     app = GatewayApp(config, worker_index)
     loop = asyncio.get_running_loop()
-    signals = 0
+    signals = StopSignals()
 
     def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
+        action = signals.received(time.monotonic())
+        if action is StopAction.DRAIN:
             loop.create_task(app.drain())
-        else:
+        elif action is StopAction.FORCE:
             log.warning("second signal: exiting without finishing the drain")
             os._exit(1)
 
@@ -588,6 +610,7 @@ async def run_worker(config: GatewayConfig, worker_index: int = 0, on_ready: Cal
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+    return app.exit_code
 
 
 def _run_worker_process(config: GatewayConfig, worker_index: int) -> None:
@@ -606,13 +629,15 @@ def _run_worker_process(config: GatewayConfig, worker_index: int) -> None:
 
         app.spawn(announce())
 
-    async def main() -> None:
-        await run_worker(config, worker_index, ready)
+    async def main() -> int:
+        return await run_worker(config, worker_index, ready)
 
     try:
-        uvloop.run(main())
+        code = uvloop.run(main())
     except KeyboardInterrupt:
-        pass
+        code = 0
+    if code:
+        sys.exit(code)
 
 
 def serve(config: GatewayConfig, worker_index: int | None = None) -> None:

@@ -77,6 +77,12 @@ class GatewayConfig:
     fetch_max_wait_ms: int = setting(
         10, "Kafka consumer fetch wait; keep small on the embedded broker, which does not wake waiting fetches", unit="ms"
     )
+    kafka_session_timeout_ms: int = setting(
+        6000, "the relay's consumer-group session: a dead worker's partitions move on after it", unit="ms"
+    )
+    kafka_static_membership: bool = setting(
+        False, "join realtime-gateway-group with a group_instance_id per worker (real Kafka; the embedded broker cannot)"
+    )
     drain_window_s: float = setting(5.0, "spread the 1012 closes of a drain over this window", unit="s")
     drain_timeout_s: float = setting(30.0, "the whole drain is bounded by this", unit="s")
     test_echo_route: bool = setting(False, "serve /echo through the frame layer (conformance tests only)")
@@ -94,6 +100,13 @@ class ChatConfig:
     http_port: int = setting(8081, "port of the history HTTP API")
     batch_max: int = setting(500, "ingest records handled per batch")
     fetch_max_wait_ms: int = setting(10, "Kafka consumer fetch wait", unit="ms")
+    instance_id: str = setting("", "this instance's name in group chat-service; default <hostname>")
+    kafka_session_timeout_ms: int = setting(
+        6000, "the ingest consumer-group session: a dead instance's partitions move on after it", unit="ms"
+    )
+    kafka_static_membership: bool = setting(
+        False, "join chat-service with a group_instance_id (instance_id; real Kafka; the embedded broker cannot)"
+    )
     # 0: the pipeline hands a whole batch's events to the producer at once, so
     # they share a request anyway; a linger only delayed them (e2e p50 29.6 ->
     # 18.3 ms at 1,000 msgs/s, PERFORMANCE.md "Hops").

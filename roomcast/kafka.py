@@ -1,20 +1,41 @@
-"""Kafka helpers shared by the gateway and the chat service: topic set-up, contiguous fetches."""
+"""Kafka helpers shared by the gateway and the chat service.
+
+Topic set-up, contiguous fetches, and the liveness of a group member: a
+member that is stuck (roomcast.watchdog) leaves and rejoins with a fresh
+consumer, and a member that was killed is dropped from its group by its
+next incarnation instead of waiting out its session (`MemberFile`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import tempfile
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.client import AIOKafkaClient, CoordinationType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.protocol.group import LeaveGroupRequest
 
 from roomcast.offsets import OffsetGapGuard
+from roomcast.watchdog import ConsumerWatchdog, Verdict
 from roomcast.wire.events import CREATED_TOPIC, INGEST_TOPIC
 
-__all__ = ["contiguous", "ensure_topics"]
+__all__ = [
+    "ConsumerStalled",
+    "MemberFile",
+    "WatchedMember",
+    "committed_or_none",
+    "consumer_lag",
+    "contiguous",
+    "ensure_topics",
+]
 
 Fetched = dict[TopicPartition, list[ConsumerRecord[Any, Any]]]  # what getmany() returns
 
@@ -62,7 +83,7 @@ async def contiguous(consumer: AIOKafkaConsumer, guard: OffsetGapGuard, batch: F
     held = False
     for tp, records in batch.items():
         if not guard.knows(tp):
-            guard.expect(tp, await _committed(consumer, tp))
+            guard.expect(tp, await committed_or_none(consumer, tp))
         admission = guard.admit(tp, [r.offset for r in records], now)
         if admission.refetch_from is not None:
             held = True
@@ -75,9 +96,200 @@ async def contiguous(consumer: AIOKafkaConsumer, guard: OffsetGapGuard, batch: F
     return admitted
 
 
-async def _committed(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+async def committed_or_none(consumer: AIOKafkaConsumer, tp: TopicPartition, timeout_s: float = 2.0) -> int | None:
+    """The group's committed offset of tp, or None when unknown or not answered in time.
+
+    Bounded: aiokafka retries a retriable error here forever, and a member
+    that waits on it inside a batch never rejoins a rebalance.
+    """
     try:
-        return await consumer.committed(tp)
-    except KafkaError as exc:
-        log.debug("committed offset of %s unknown (%s)", tp, exc)
+        return await asyncio.wait_for(consumer.committed(tp), timeout_s)
+    except (KafkaError, asyncio.TimeoutError) as exc:
+        log.debug("committed offset of %s unknown (%r)", tp, exc)
         return None
+
+
+
+def consumer_lag(consumer: AIOKafkaConsumer, handed_out: dict[TopicPartition, int]) -> int:
+    """Records on the consumer's assigned partitions that it has not handed out yet.
+
+    highwater() minus the position (ListOffsets(latest) is wrong on the
+    embedded broker). The position is aiokafka's own where it is valid
+    (reading it through position() could wait for an offset reset), else the
+    next offset after what getmany handed out (`handed_out`); a partition
+    with neither counts 0. Never raises, never waits.
+    """
+    try:
+        assignment = consumer._subscription.subscription.assignment  # noqa: SLF001
+    except AttributeError:
+        assignment = None
+    total = 0
+    for tp in consumer.assignment():
+        high = consumer.highwater(tp)
+        if high is None:
+            continue
+        position = handed_out.get(tp)
+        try:
+            state = assignment.state_value(tp) if assignment is not None else None
+            if state is not None and state.has_valid_position:
+                position = max(position or 0, state.position)
+        except (AttributeError, KeyError):
+            pass
+        if position is not None:
+            total += max(0, high - position)
+    return total
+
+
+class ConsumerStalled(RuntimeError):
+    """A group member stayed stuck through its rejoins: the process should exit non-zero."""
+
+
+class MemberFile:
+    """Where a worker keeps its current group member id, so its next incarnation can drop it.
+
+    A member killed with -9 sends no LeaveGroup: its group waits out its
+    session before anyone gets its partitions, and the embedded broker waits
+    longer still when the restarted worker joins meanwhile (README, "Limits").
+    A restarted worker that knows its predecessor's member id sends that
+    LeaveGroup itself, so the group rebalances at once. The file is keyed by
+    the bootstrap servers, the group and the worker's name, which must be
+    unique among the group's live members.
+    """
+
+    def __init__(self, bootstrap: str, group: str, name: str, directory: Path | None = None) -> None:
+        digest = hashlib.sha1(f"{bootstrap}|{group}|{name}".encode()).hexdigest()[:16]
+        base = directory or Path(tempfile.gettempdir()) / "roomcast-members"
+        self.path = base / f"{group}-{digest}"
+        self.bootstrap = bootstrap
+        self.group = group
+        self._kept = ""
+
+    def track(self, consumer: AIOKafkaConsumer) -> None:
+        """Keep the consumer's member id once the broker has given it one (cheap; call often).
+
+        Kept from the first JoinGroup answer, not from the assignment: an
+        incarnation killed while it joins must be dropped too.
+        """
+        member_id = getattr(getattr(consumer, "_coordinator", None), "member_id", "")
+        if member_id and member_id != self._kept:
+            self.remember(member_id)
+
+    def remember(self, member_id: str) -> None:
+        self._kept = member_id
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(member_id)
+        except OSError as exc:  # only a faster failover is lost
+            log.debug("could not keep the member id in %s: %s", self.path, exc)
+
+    def forget(self) -> None:
+        self._kept = ""
+        self.path.unlink(missing_ok=True)
+
+    async def fence_previous(self, timeout_s: float = 3.0) -> bool:
+        """Send LeaveGroup for the member id a previous incarnation left behind. True if one was sent."""
+        try:
+            member_id = self.path.read_text().strip()
+        except OSError:
+            return False
+        if not member_id:
+            return False
+        client = AIOKafkaClient(bootstrap_servers=self.bootstrap, request_timeout_ms=int(timeout_s * 1000))
+        try:
+            await asyncio.wait_for(client.bootstrap(), timeout_s)
+            node = await asyncio.wait_for(client.coordinator_lookup(CoordinationType.GROUP, self.group), timeout_s)
+            await asyncio.wait_for(client.send(node, LeaveGroupRequest(self.group, member_id)), timeout_s)
+        except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+            log.info("could not drop the previous member %s of %s (%r); its session will expire", member_id, self.group, exc)
+            return False
+        finally:
+            await client.close()
+        self.forget()
+        log.info("dropped the previous incarnation's member %s from %s", member_id, self.group)
+        return True
+
+
+Consumer = TypeVar("Consumer")
+
+
+class WatchedMember(Generic[Consumer]):
+    """Runs one group member and keeps it live: a stuck member rejoins with a fresh consumer.
+
+    `connect()` returns a started consumer (retrying while the broker is away;
+    None once `stop` is set), `consume(consumer)` runs the member's loop until
+    `stop` is set, `close(consumer)` leaves the group. `state()` tells the
+    watchdog (in the group, lag, progress counter) twice a second. After
+    `watchdog.max_rejoins` rejoins that did not help, `run` raises
+    ConsumerStalled. The caller owns `stop`.
+    """
+
+    PERIOD_S = 0.5
+
+    def __init__(
+        self,
+        name: str,
+        watchdog: ConsumerWatchdog,
+        *,
+        connect: Callable[[], Awaitable[Consumer | None]],
+        consume: Callable[[Consumer], Awaitable[None]],
+        close: Callable[[Consumer], Awaitable[None]],
+        state: Callable[[], tuple[bool, int, int]],
+        stop: asyncio.Event,
+        stop_grace_s: float = 10.0,
+    ) -> None:
+        self.name = name
+        self.watchdog = watchdog
+        self._connect, self._consume, self._close, self._state = connect, consume, close, state
+        self.stop = stop
+        self.stop_grace_s = stop_grace_s
+        self.rejoins = 0
+
+    def stalled_for(self) -> float:
+        return self.watchdog.stalled_for(time.monotonic())
+
+    async def run(self) -> None:
+        rejoining = False
+        while not self.stop.is_set():
+            consumer = await self._connect()
+            if consumer is None:
+                return
+            if rejoining:
+                self.watchdog.rejoined(time.monotonic())
+            task = asyncio.ensure_future(self._consume(consumer))
+            verdict = await self._watch(task)
+            if verdict is Verdict.OK:  # stopping, or the loop ended
+                await self._finish(task, consumer)
+                return
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await self._close(consumer)
+            if verdict is Verdict.EXIT:
+                raise ConsumerStalled(f"{self.name}: {self.watchdog.last_reason}, after {self.watchdog.max_rejoins} rejoins")
+            self.rejoins += 1
+            rejoining = True
+            log.warning("%s stuck (%s): leaving the group and rejoining with a fresh consumer", self.name, self.watchdog.last_reason)
+
+    async def _watch(self, task: asyncio.Future[None]) -> Verdict:
+        stopped = asyncio.ensure_future(self.stop.wait())
+        try:
+            while not task.done() and not self.stop.is_set():
+                await asyncio.wait({task, stopped}, timeout=self.PERIOD_S)
+                in_group, lag, progress = self._state()
+                verdict = self.watchdog.observe(time.monotonic(), in_group=in_group, lag=lag, progress=progress)
+                if verdict is not Verdict.OK:
+                    return verdict
+            return Verdict.OK
+        finally:
+            stopped.cancel()
+
+    async def _finish(self, task: asyncio.Future[None], consumer: Consumer) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.stop_grace_s)
+        except asyncio.TimeoutError:
+            log.warning("%s did not stop within %.0f s; cancelling it", self.name, self.stop_grace_s)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        finally:
+            await self._close(consumer)
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -48,9 +49,10 @@ from aiokafka.structs import ConsumerRecord
 from chat.core.validation import validate_ingest
 from chat.storage.base import MessageStore, StoredMessage, StoreError
 from roomcast.config import ChatConfig
-from roomcast.kafka import contiguous
+from roomcast.kafka import MemberFile, WatchedMember, consumer_lag, contiguous
 from roomcast.metrics import SIZE_BUCKETS, MetricsRegistry
 from roomcast.offsets import OffsetGapGuard
+from roomcast.watchdog import ConsumerWatchdog, stall_bound_s
 from roomcast.wire.events import CHAT_GROUP, CREATED_TOPIC, INGEST_TOPIC, IngestRecord, decode_ingest, encode_event
 
 __all__ = ["IngestPipeline", "KafkaTuning", "PipelineStatistics", "wall_clock_ms"]
@@ -69,12 +71,10 @@ def wall_clock_ms() -> int:
 class KafkaTuning:
     """Timings of the pipeline's Kafka clients and retries (not user settings yet).
 
-    The group timeouts are short so a dead chat instance's partitions move on
-    within seconds; Python never pauses 6 s between heartbeats (they run in
-    their own task).
+    The session timeout is a setting (`kafka_session_timeout_ms`); the
+    rebalance timeout covers a batch's revocation grace and its store.
     """
 
-    session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 1000
     rebalance_timeout_ms: int = 10_000
     poll_timeout_ms: int = 100  # getmany wait when idle; bounds how fast a stop is seen
@@ -146,6 +146,13 @@ class IngestPipeline:
         # Holds back records past a hole in a partition's offsets (the embedded
         # broker can show a later record before an earlier one: roomcast.offsets).
         self._offsets = OffsetGapGuard()
+        self._in_group = False
+        self._instance_id = config.instance_id or socket.gethostname()
+        self._member_file = MemberFile(config.kafka_bootstrap, CHAT_GROUP, self._instance_id)
+        self.watchdog = ConsumerWatchdog(
+            stall_bound_s(config.kafka_session_timeout_ms, tuning.rebalance_timeout_ms)
+        )
+        self.member: WatchedMember[AIOKafkaConsumer] | None = None
         self._init_metrics(metrics if metrics is not None else MetricsRegistry())
 
     def _init_metrics(self, m: MetricsRegistry) -> None:
@@ -171,6 +178,11 @@ class IngestPipeline:
         self.m_produce = m.histogram(
             "roomcast_chat_produce_latency_seconds", "producing one batch's events to message.created until all acked"
         )
+        m.counter_fn(
+            "roomcast_chat_watchdog_actions_total",
+            "times the ingest consumer was found stuck (out of its group, or no progress with records waiting) and rejoined or gave up",
+            lambda: self.watchdog.actions,
+        )
         m.gauge(
             "roomcast_chat_consumer_lag_messages", "message.ingest records on this instance's partitions not yet fetched",
             self.lag,
@@ -181,21 +193,16 @@ class IngestPipeline:
         """True from a successful connect() until aclose()."""
         return self._consumer is not None
 
-    def lag(self) -> int:
-        """Records behind the broker on the assigned partitions: highwater() minus position.
+    def _member_state(self) -> tuple[bool, int, int]:
+        if self._consumer is not None:
+            self._member_file.track(self._consumer)
+        # A batch retrying a failing store or producer is alive: its retries count as progress.
+        return self._in_group, self.lag(), self._records + self._retries
 
-        A partition counts from its first records handed out after an
-        assignment (before that, 0). Never raises.
-        """
+    def lag(self) -> int:
+        """Records on the assigned partitions not yet fetched (roomcast.kafka.consumer_lag). Never raises."""
         consumer = self._consumer
-        if consumer is None:
-            return 0
-        total = 0
-        for tp in consumer.assignment():
-            high, position = consumer.highwater(tp), self._positions.get(tp)
-            if high is not None and position is not None:
-                total += max(0, high - position)
-        return total
+        return 0 if consumer is None else consumer_lag(consumer, self._positions)
 
     def statistics(self) -> PipelineStatistics:
         return PipelineStatistics(
@@ -234,41 +241,24 @@ class IngestPipeline:
                 linger_ms=self.config.produce_linger_ms,
                 request_timeout_ms=t.request_timeout_ms,
             )
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.config.kafka_bootstrap,
-                client_id="roomcast-chat",
-                group_id=CHAT_GROUP,
-                enable_auto_commit=False,  # commit only after store and produce
-                auto_offset_reset="earliest",  # never "latest": broken on Tansu, and loses posts
-                fetch_max_wait_ms=self.config.fetch_max_wait_ms,
-                max_poll_records=self.config.batch_max,
-                session_timeout_ms=t.session_timeout_ms,
-                heartbeat_interval_ms=t.heartbeat_interval_ms,
-                rebalance_timeout_ms=t.rebalance_timeout_ms,
-                request_timeout_ms=t.request_timeout_ms + t.session_timeout_ms,
-            )
-            consumer.subscribe([INGEST_TOPIC], listener=_Listener(self))
             started = time.monotonic()
             try:
                 await _until_stopped(producer.start(), stop)
-                await _until_stopped(consumer.start(), stop)
             except (KafkaError, OSError, TimeoutError, _Stopped) as exc:
-                await _stop_quietly(consumer, producer)
+                await _stop_quietly(None, producer)
                 if isinstance(exc, _Stopped):
                     return False
-                log.warning(
-                    "kafka at %s is not reachable (attempt %d: %s); retrying in %.1f s",
-                    self.config.kafka_bootstrap,
-                    attempt,
-                    exc or type(exc).__name__,
-                    delay,
-                )
+                self._unreachable(attempt, exc, delay)
                 await _sleep_unless(stop, delay)
                 delay = min(delay * 2, t.connect_retry_max_s)
                 continue
             except BaseException:
-                await _stop_quietly(consumer, producer)
+                await _stop_quietly(None, producer)
                 raise
+            consumer = await self._open_consumer(stop)
+            if consumer is None:
+                await _stop_quietly(None, producer)
+                return False
             self._producer, self._consumer = producer, consumer
             log.info(
                 "consuming %s as group %s from %s (joined in %.1f s)",
@@ -279,6 +269,52 @@ class IngestPipeline:
             )
             return True
         return False
+
+    async def _open_consumer(self, stop: asyncio.Event) -> AIOKafkaConsumer | None:
+        """A started consumer in group chat-service, retrying while Kafka is away; None once `stop` is set."""
+        t = self.tuning
+        session_ms = self.config.kafka_session_timeout_ms
+        # A killed predecessor of this instance would hold its partitions until its session expires.
+        await self._member_file.fence_previous()
+        delay = t.retry_initial_s
+        attempt = 0
+        while not stop.is_set():
+            attempt += 1
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.config.kafka_bootstrap,
+                client_id="roomcast-chat",
+                group_id=CHAT_GROUP,
+                group_instance_id=self._instance_id if self.config.kafka_static_membership else None,
+                enable_auto_commit=False,  # commit only after store and produce
+                auto_offset_reset="earliest",  # never "latest": broken on Tansu, and loses posts
+                fetch_max_wait_ms=self.config.fetch_max_wait_ms,
+                max_poll_records=self.config.batch_max,
+                session_timeout_ms=session_ms,
+                heartbeat_interval_ms=min(t.heartbeat_interval_ms, session_ms // 3),
+                rebalance_timeout_ms=t.rebalance_timeout_ms,
+                request_timeout_ms=t.request_timeout_ms + session_ms,
+            )
+            consumer.subscribe([INGEST_TOPIC], listener=_Listener(self, consumer))
+            try:
+                await _until_stopped(consumer.start(), stop)
+                return consumer
+            except (KafkaError, OSError, TimeoutError, _Stopped) as exc:
+                await _stop_quietly(consumer, None)
+                if isinstance(exc, _Stopped):
+                    return None
+                self._unreachable(attempt, exc, delay)
+                await _sleep_unless(stop, delay)
+                delay = min(delay * 2, t.connect_retry_max_s)
+            except BaseException:
+                await _stop_quietly(consumer, None)
+                raise
+        return None
+
+    def _unreachable(self, attempt: int, exc: BaseException, delay: float) -> None:
+        log.warning(
+            "kafka at %s is not reachable (attempt %d: %s); retrying in %.1f s",
+            self.config.kafka_bootstrap, attempt, exc or type(exc).__name__, delay,
+        )
 
     async def aclose(self) -> None:
         """Leave the group, flush and close the producer. Idempotent.
@@ -292,21 +328,55 @@ class IngestPipeline:
         consumer, producer = self._consumer, self._producer
         self._consumer = self._producer = None
         if consumer is not None:
-            await _leave_generation_zero(consumer)
-        await _stop_quietly(consumer, producer)
+            await self._close_consumer(consumer)
+        await _stop_quietly(None, producer)
+
+    async def _close_consumer(self, consumer: AIOKafkaConsumer) -> None:
+        self._in_group = False
+        await _leave_generation_zero(consumer)
+        try:
+            await asyncio.wait_for(consumer.stop(), self.tuning.revoke_grace_s + 2.0)
+            self._member_file.forget()
+        except Exception as exc:  # a stuck member must not hold its successor back
+            log.warning("closing the consumer failed (%r); its session will expire", exc)
+        if self._consumer is consumer:
+            self._consumer = None
 
     # ---- the loop -------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process batches until `stop` is set. Call after connect() returned True.
 
-        Returns once the in-flight batch is committed or abandoned. Raises only
-        for a bug (an unexpected exception type); transient Kafka and store
-        failures are retried here.
+        Returns once the in-flight batch is committed or abandoned. Transient
+        Kafka and store failures are retried here; a member stuck out of its
+        group, or without progress while records wait, rejoins with a fresh
+        consumer (roomcast.watchdog). Raises ConsumerStalled when rejoining
+        did not help, and any unexpected exception (a bug).
         """
-        consumer = self._consumer
-        if consumer is None:
+        first = self._consumer
+        if first is None:
             raise RuntimeError("connect() first")
+
+        async def connect() -> AIOKafkaConsumer | None:
+            nonlocal first
+            consumer, first = first, None
+            if consumer is None:
+                consumer = self._consumer = await self._open_consumer(stop)
+            return consumer
+
+        self.member = WatchedMember(
+            "the ingest pipeline",
+            self.watchdog,
+            connect=connect,
+            consume=lambda consumer: self._consume(consumer, stop),
+            close=self._close_consumer,
+            state=self._member_state,
+            stop=stop,
+            stop_grace_s=self.tuning.shutdown_grace_s + self.tuning.revoke_grace_s,
+        )
+        await self.member.run()
+
+    async def _consume(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
         delay = self.tuning.retry_initial_s
         while not stop.is_set():
             try:
@@ -454,20 +524,24 @@ class IngestPipeline:
         if revoked:
             log.info("partitions revoked: %s", _describe_tps(revoked))
 
-    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+    def _on_assigned(self, consumer: AIOKafkaConsumer, assigned: set[TopicPartition]) -> None:
         self._offsets.forget(assigned)  # they start from their committed offsets
+        self._in_group = True
+        self._member_file.track(consumer)
         log.info("partitions assigned: %s", _describe_tps(assigned) or "none")
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, pipeline: IngestPipeline) -> None:
+    def __init__(self, pipeline: IngestPipeline, consumer: AIOKafkaConsumer) -> None:
         self._pipeline = pipeline
+        self._consumer = consumer
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._pipeline._in_group = False
         await self._pipeline._on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._pipeline._on_assigned(set(assigned))
+        self._pipeline._on_assigned(self._consumer, set(assigned))
 
 
 class _Stopped(Exception):

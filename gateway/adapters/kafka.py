@@ -16,8 +16,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from roomcast.kafka import contiguous
+from roomcast.kafka import ConsumerStalled, MemberFile, WatchedMember, consumer_lag, contiguous
 from roomcast.offsets import OffsetGapGuard
+from roomcast.watchdog import ConsumerWatchdog, stall_bound_s
 from roomcast.wire.events import CREATED_TOPIC, GATEWAY_GROUP, INGEST_TOPIC
 
 __all__ = ["IngestProducer", "CreatedRelay"]
@@ -105,20 +106,38 @@ class IngestProducer:
 
 Publish = Callable[[list[tuple[bytes, bytes]]], Awaitable[None]]
 
+# A revocation waits this long for the in-flight batch; past it the group goes
+# on and the batch's commit fails (its records are relayed again, and dropped
+# by seq at every gateway).
+REVOKE_GRACE_S = 2.0
+# Each PUBLISH pipeline and each commit is bounded, so a batch can never hold
+# the member back from a rebalance for long.
+BATCH_STEP_TIMEOUT_S = 5.0
 
-class _WaitForBatch(ConsumerRebalanceListener):
-    """On revocation, wait for the in-flight batch to be published and committed."""
 
-    def __init__(self, lock: asyncio.Lock, offsets: OffsetGapGuard) -> None:
-        self.lock = lock
-        self.offsets = offsets
+class _Membership(ConsumerRebalanceListener):
+    """Tracks the member's assignment; a revocation waits (bounded) for the in-flight batch."""
+
+    def __init__(self, relay: CreatedRelay, consumer: AIOKafkaConsumer) -> None:
+        self.relay = relay
+        self.consumer = consumer
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        async with self.lock:
-            self.offsets.forget(revoked)
+        relay = self.relay
+        relay.in_group = False
+        try:
+            await asyncio.wait_for(relay._batch_lock.acquire(), REVOKE_GRACE_S)
+        except asyncio.TimeoutError:
+            log.warning("a batch held up the revocation of %s for %.0f s; going on without it", sorted(tp.partition for tp in revoked), REVOKE_GRACE_S)
+        else:
+            relay._batch_lock.release()
+        relay.offsets.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self.offsets.forget(assigned)  # they start from their committed offsets
+        relay = self.relay
+        relay.offsets.forget(assigned)  # they start from their committed offsets
+        relay.in_group = True
+        relay.member_file.track(self.consumer)
         log.info("message.created partitions assigned: %s", sorted(tp.partition for tp in assigned))
 
 
@@ -127,8 +146,14 @@ class CreatedRelay:
 
     One ordered pipeline: a batch's records are published in partition order,
     then its offsets are committed; a failed publish rewinds the partitions and
-    retries, so nothing is skipped (PITFALLS.md 3, 4). Redeliveries are dropped
-    by seq at every gateway.
+    retries, so nothing is skipped. Redeliveries are dropped by seq at every
+    gateway.
+
+    Liveness: a watchdog (roomcast.watchdog) rejoins with a fresh consumer
+    when the member is out of a settled group, or stuck with records waiting,
+    for longer than a bound derived from the group timeouts; after two such
+    rejoins `run` ends with ConsumerStalled and `on_stalled` is called (the
+    worker exits non-zero so its supervisor starts a fresh one).
     """
 
     def __init__(
@@ -139,8 +164,10 @@ class CreatedRelay:
         fetch_max_wait_ms: int,
         client_id: str,
         group_id: str = GATEWAY_GROUP,
-        session_timeout_ms: int = 10_000,
+        session_timeout_ms: int = 6000,
+        static_member_id: str | None = None,
         max_records: int = 1000,
+        on_stalled: Callable[[ConsumerStalled], None] | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.publish = publish
@@ -148,52 +175,107 @@ class CreatedRelay:
         self.client_id = client_id
         self.group_id = group_id
         self.session_timeout_ms = session_timeout_ms
+        # A relay's batch takes milliseconds and its revocation waits at most
+        # REVOKE_GRACE_S: a member not back within a session is gone.
+        self.rebalance_timeout_ms = session_timeout_ms
+        self.static_member_id = static_member_id
         self.max_records = max_records
+        self.on_stalled = on_stalled
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._stop = asyncio.Event()
         self._batch_lock = asyncio.Lock()
         self.published = 0
+        self.fetched = 0  # records handed out by the consumer: the watchdog's progress
         self.connected = False
+        self.in_group = False
         self._next_offset: dict[TopicPartition, int] = {}
         # Holds back records past a hole in a partition's offsets (the embedded
         # broker can show a later record before an earlier one: roomcast.offsets).
         self.offsets = OffsetGapGuard()
+        self.member_file = MemberFile(bootstrap, group_id, client_id)
+        self.member = WatchedMember(
+            "the message.created relay",
+            ConsumerWatchdog(stall_bound_s(session_timeout_ms, self.rebalance_timeout_ms)),
+            connect=self._open,
+            consume=self._consume,
+            close=self._close,
+            state=self._member_state,
+            stop=self._stop,
+        )
+
+    def _member_state(self) -> tuple[bool, int, int]:
+        if self._consumer is not None:
+            self.member_file.track(self._consumer)
+        return self.in_group, self.lag(), self.fetched
+
+    @property
+    def live(self) -> bool:
+        """Connected and not stuck for longer than a session (feeds readiness)."""
+        return self.connected and self.member.stalled_for() * 1000 < self.session_timeout_ms
 
     async def start(self) -> None:
         if self._task is None and self.bootstrap:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="created-relay")
 
-    async def _open(self) -> AIOKafkaConsumer:
+    async def _run(self) -> None:
+        try:
+            await self.member.run()
+        except ConsumerStalled as exc:
+            log.error("%s; giving up", exc)
+            if self.on_stalled is not None:
+                self.on_stalled(exc)
+
+    async def _open(self) -> AIOKafkaConsumer | None:
+        # A previous incarnation of this worker killed -9 would otherwise hold
+        # its partitions until its session expires.
+        await self.member_file.fence_previous()
         delay = 0.1
-        while True:
+        while not self._stop.is_set():
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.bootstrap,
                 group_id=self.group_id,
                 client_id=self.client_id,
+                group_instance_id=self.static_member_id,
                 enable_auto_commit=False,
                 # Start from earliest + committed offsets: latest is wrong on the
                 # embedded broker, and the gateways' seq check drops replays.
                 auto_offset_reset="earliest",
                 fetch_max_wait_ms=self.fetch_max_wait_ms,
                 session_timeout_ms=self.session_timeout_ms,
-                heartbeat_interval_ms=max(500, self.session_timeout_ms // 5),
-                max_poll_interval_ms=60_000,
+                heartbeat_interval_ms=max(300, self.session_timeout_ms // 6),
+                rebalance_timeout_ms=self.rebalance_timeout_ms,
+                max_poll_interval_ms=max(60_000, self.rebalance_timeout_ms),
             )
-            consumer.subscribe([CREATED_TOPIC], listener=_WaitForBatch(self._batch_lock, self.offsets))
+            consumer.subscribe([CREATED_TOPIC], listener=_Membership(self, consumer))
             try:
                 await consumer.start()
-                return consumer
             except Exception as exc:
                 await consumer.stop()
                 log.warning("kafka %s unreachable for the relay (%s); retrying", self.bootstrap, exc)
                 delay = await _backoff(delay)
+                continue
+            self._consumer = consumer
+            self.connected = True
+            return consumer
+        return None
 
-    async def _run(self) -> None:
-        consumer = self._consumer = await self._open()
-        self.connected = True
+    async def _close(self, consumer: AIOKafkaConsumer) -> None:
+        """Leave the group (bounded: a stuck member must not hold its successor back)."""
+        self.in_group = False
+        self.connected = False
+        self._consumer = None
+        self._next_offset.clear()
+        self.offsets.forget(list(consumer.assignment()))
+        try:
+            await asyncio.wait_for(consumer.stop(), BATCH_STEP_TIMEOUT_S)
+            self.member_file.forget()
+        except Exception as exc:
+            log.warning("closing the relay consumer failed (%r); its session will expire", exc)
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         delay = 0.1
-        while not self._stopping:
+        while not self._stop.is_set():
             try:
                 batches = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
             except KafkaError as exc:
@@ -202,6 +284,7 @@ class CreatedRelay:
                 continue
             if not batches:
                 continue
+            self.fetched += sum(len(rs) for rs in batches.values())
             async with self._batch_lock:
                 batches = await contiguous(consumer, self.offsets, batches)
                 if not batches:
@@ -209,56 +292,37 @@ class CreatedRelay:
                 try:
                     await self._relay(consumer, batches)
                     delay = 0.1
+                    continue
                 except Exception as exc:
-                    log.warning("relaying message.created failed (%s); rewinding and retrying", exc)
+                    log.warning("relaying message.created failed (%r); rewinding and retrying", exc)
                     for tp, records in batches.items():
                         if tp in consumer.assignment():
                             consumer.seek(tp, records[0].offset)
                             self.offsets.expect(tp, records[0].offset)
-                    delay = await _backoff(delay)
+            delay = await _backoff(delay)  # outside the lock: a revocation need not wait for it
 
     async def _relay(self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         # One PUBLISH pipeline and one commit for the whole fetch: each
         # partition's records stay in order inside the pipeline, and a commit
         # per partition would cost a broker round trip each.
         records = [(r.key or b"", r.value or b"") for rs in batches.values() for r in rs]
-        await self.publish(records)
+        await asyncio.wait_for(self.publish(records), BATCH_STEP_TIMEOUT_S)
         self.published += len(records)
         offsets = {tp: rs[-1].offset + 1 for tp, rs in batches.items()}
-        await consumer.commit(offsets)
+        await asyncio.wait_for(consumer.commit(offsets), BATCH_STEP_TIMEOUT_S)
         self._next_offset.update(offsets)
 
     def lag(self) -> int:
-        """Records of message.created on this worker's partitions not yet published.
-
-        From highwater() (ListOffsets(latest) is wrong on the embedded broker).
-        """
+        """Records of message.created on this worker's partitions not yet handed to the relay."""
         consumer = self._consumer
-        if consumer is None:
-            return 0
-        total = 0
-        for tp in consumer.assignment():
-            high = consumer.highwater(tp)
-            if high is not None:
-                total += max(0, high - self._next_offset.get(tp, 0))
-        return total
+        return 0 if consumer is None else consumer_lag(consumer, self._next_offset)
 
     async def aclose(self) -> None:
-        """Stop after the in-flight batch, commit, leave the group. Idempotent."""
-        self._stopping = True
+        """Finish the in-flight batch, commit, leave the group. Idempotent."""
+        self._stop.set()
         if self._task is not None:
-            if not self._task.done():
-                async with self._batch_lock:
-                    self._task.cancel()
             try:
                 await self._task
             except (asyncio.CancelledError, Exception):
-                pass
+                log.exception("the relay ended with an error")
             self._task = None
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            try:
-                await asyncio.wait_for(consumer.stop(), 10)  # leaves the group
-            except Exception:
-                log.exception("closing the relay consumer failed")
-        self.connected = False

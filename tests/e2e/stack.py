@@ -28,6 +28,8 @@ class Stack:
     data_dir: Path
     history_url: str
     logs: list[str] = field(default_factory=list)
+    chat_args: Sequence[str] = ()
+    gateway_args: Sequence[str] = ()
 
     @property
     def redis_url(self) -> str:
@@ -74,7 +76,8 @@ def start_gateway(redis_url: str, kafka: str, history_url: str, logs: list[str],
             sys.executable, "-m", "roomcast.cli", "gateway",
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
             "--redis-url", redis_url, "--kafka-bootstrap", kafka, "--history-url", history_url,
-            "--drain-window-s", "0.5", "--admin-port", "0", *extra,
+            # A name of its own per port: the group member of a restarted worker is its predecessor's.
+            "--gateway-id", f"gw-{port}", "--drain-window-s", "0.5", "--admin-port", "0", *extra,
         ],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
@@ -86,13 +89,15 @@ def start_gateway(redis_url: str, kafka: str, history_url: str, logs: list[str],
     return ManagedProcess("gateway", proc, "127.0.0.1", port)
 
 
-def start_stack(data_dir: Path, gateways: int = 2, partitions: int = 4, chat_args: Sequence[str] = ()) -> Stack:
+def start_stack(
+    data_dir: Path, gateways: int = 2, partitions: int = 4, chat_args: Sequence[str] = (), gateway_args: Sequence[str] = ()
+) -> Stack:
     logs: list[str] = []
     redis = start_redis(log_path=data_dir / "redis.log")
     kafka = start_tansu(log_path=data_dir / "kafka.log")
     asyncio.run(ensure_topics(kafka.address, partitions))
     chat = start_chat(data_dir, kafka.address, logs, 0, *chat_args)
     history_url = f"http://127.0.0.1:{chat.port}/"
-    gws = [start_gateway(f"redis://{redis.address}", kafka.address, history_url, logs) for _ in range(gateways)]
+    gws = [start_gateway(f"redis://{redis.address}", kafka.address, history_url, logs, 0, *gateway_args) for _ in range(gateways)]
     time.sleep(0.1)
-    return Stack(redis, kafka, chat, gws, data_dir, history_url, logs)
+    return Stack(redis, kafka, chat, gws, data_dir, history_url, logs, tuple(chat_args), tuple(gateway_args))

@@ -1,0 +1,408 @@
+"""Mixed faults against a real stack: a seeded schedule, its injector, the heal-time meter.
+
+Used by the mixed-fault suite (tests/e2e/test_faults.py) and the soak command
+(tests/e2e/soak.py). Faults overlap: each starts 0.5 to 3 s after the one
+before, whatever the earlier ones are still doing (a freeze still frozen, a
+group still rebalancing, a worker still restarting).
+
+Time to heal, per fault: the time from the fault's start until every member
+of every room has received a message with a seq above the highest seq the
+store held when the fault started. Its bound is the fault's own target after
+the fault ends (`HealTargets`); a fault that starts while an earlier one is
+still within its bound extends that bound to its own, since the earlier one
+cannot heal through the later one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+import websockets
+
+from roomcast.embedded import start_redis
+from tests.e2e.stack import Stack, start_chat, start_gateway
+
+__all__ = [
+    "FAULT_KINDS",
+    "Fault",
+    "HealTargets",
+    "ChaosClient",
+    "ChaosRun",
+    "draw_schedule",
+    "stored_messages",
+    "latest_seqs",
+]
+
+# Every fault the suite knows. The first len(FAULT_KINDS) faults of a schedule
+# are each kind once (shuffled), so every seed injects every kind.
+FAULT_KINDS = (
+    "pubsub_cut",  # CLIENT KILL TYPE pubsub: every gateway's subscriber connection is cut
+    "redis_restart",  # Redis stopped and started again on its port
+    "worker_kill",  # a gateway worker killed -9, restarted 0.5 s later (as the supervisor does)
+    "chat_kill",  # the chat service killed -9 and restarted
+    "chat_stop",  # the chat service frozen (SIGSTOP ... SIGCONT)
+    "broker_stop",  # the Kafka broker frozen (SIGSTOP ... SIGCONT)
+    "client_cut",  # one client socket cut in the middle of a frame it is sending
+)
+
+
+@dataclass(frozen=True)
+class Fault:
+    at_s: float  # offset from the start of the run
+    kind: str
+    duration_s: float  # freeze length, downtime before a restart; 0 for an instant
+    target: int  # which gateway or client, where the kind has several
+
+    def describe(self) -> str:
+        return f"{self.kind}@{self.at_s:.1f}s" + (f"/{self.duration_s:.1f}s" if self.duration_s else "")
+
+
+@dataclass(frozen=True)
+class HealTargets:
+    """How long after a fault ends deliveries must have resumed, per kind (seconds).
+
+    pubsub_cut, the freezes and worker_kill are the issue's bars; the others
+    are ours: a Redis restart heals like a cut once Redis answers again; a chat
+    crash, like a worker kill, waits for its group's session timeout; a cut
+    client reconnects after its backoff and rejoins with `since`.
+    """
+
+    relay_session_s: float
+    chat_session_s: float
+
+    def after_end(self, kind: str) -> float:
+        return {
+            "pubsub_cut": 1.0,
+            "redis_restart": 1.0,
+            "worker_kill": self.relay_session_s + 5.0,
+            "chat_kill": self.chat_session_s + 5.0,
+            "chat_stop": 2.0,
+            "broker_stop": 2.0,
+            "client_cut": 2.0,
+        }[kind]
+
+
+def draw_schedule(seed: int, count: int, gateways: int, clients: int) -> list[Fault]:
+    """A seeded list of `count` faults (at least one of each kind), 0.5-3 s apart.
+
+    Never two freezes of one process at once: the first SIGCONT would end the
+    second early. Everything else may overlap.
+    """
+    rng = random.Random(seed)
+    kinds = list(FAULT_KINDS)
+    rng.shuffle(kinds)
+    kinds += [rng.choice(FAULT_KINDS) for _ in range(max(0, count - len(kinds)))]
+    faults: list[Fault] = []
+    frozen_until: dict[str, float] = {}
+    at = rng.uniform(1.0, 3.0)
+    for kind in kinds:
+        duration = {
+            "redis_restart": rng.uniform(0.2, 1.0),
+            "chat_kill": rng.uniform(0.2, 1.0),
+            "chat_stop": rng.uniform(1.0, 3.0),
+            "broker_stop": rng.uniform(1.0, 4.0),
+        }.get(kind, 0.0)
+        victim = "chat" if kind in ("chat_stop", "chat_kill") else "broker" if kind == "broker_stop" else ""
+        if victim and kind.endswith("_stop") and frozen_until.get(victim, 0.0) > at:
+            at = frozen_until[victim] + 0.1
+        if kind.endswith("_stop"):
+            frozen_until[victim] = at + duration
+        target = rng.randrange(clients if kind == "client_cut" else gateways)
+        faults.append(Fault(round(at, 2), kind, round(duration, 2), target))
+        at += rng.uniform(0.5, 3.0)
+    return faults
+
+
+def stored_messages(db_path: Path) -> list[tuple[str, int, str, str]]:
+    """(room, seq, user, client_msg_id) of every stored message, by room and seq."""
+    db = sqlite3.connect(db_path, timeout=10)
+    try:
+        return db.execute("select room, seq, user_id, client_msg_id from messages order by room, seq").fetchall()
+    finally:
+        db.close()
+
+
+def latest_seqs(db_path: Path) -> dict[str, int]:
+    db = sqlite3.connect(db_path, timeout=10)
+    try:
+        return dict(db.execute("select room, max(seq) from messages group by room").fetchall())
+    finally:
+        db.close()
+
+
+@dataclass
+class ChaosClient:
+    """Posts continuously; after every disconnect reconnects (to the next URL) and rejoins with `since`.
+
+    Keeps every delivered seq with its arrival time, and re-sends a post that
+    was not acked with the same client_msg_id.
+    """
+
+    name: str
+    urls: list[str]
+    rooms: list[str]
+    post_interval_s: float
+    start_seq: dict[str, int] = field(default_factory=dict)
+    received: dict[str, list[int]] = field(default_factory=dict)
+    arrivals: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+    acked: set[str] = field(default_factory=set)
+    unacked: dict[str, dict[str, str]] = field(default_factory=dict)
+    reconnects: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    recovered_false: int = 0
+    posting: bool = True
+    _n: int = 0
+    _ws: Any = None
+
+    def last_seq(self, room: str) -> int | None:
+        seqs = self.received.get(room)
+        if seqs:
+            return seqs[-1]
+        return self.start_seq.get(room)
+
+    def first_arrival_above(self, room: str, seq: int) -> float | None:
+        for at, s in self.arrivals.get(room, ()):
+            if s > seq:
+                return at
+        return None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        attempt = 0
+        while not stop.is_set():
+            url = self.urls[attempt % len(self.urls)]
+            attempt += 1
+            try:
+                async with websockets.connect(f"{url}?user={self.name}", open_timeout=3, close_timeout=1) as ws:
+                    self._ws = ws
+                    await self._session(ws, stop)
+            except (OSError, asyncio.TimeoutError, websockets.WebSocketException):
+                pass
+            finally:
+                self._ws = None
+            if not stop.is_set():
+                self.reconnects += 1
+                await asyncio.sleep(random.uniform(0.05, 0.3))
+
+    def cut_mid_frame(self) -> bool:
+        """Write the first half of a masked text frame, then abort the TCP connection."""
+        ws = self._ws
+        if ws is None:
+            return False
+        payload = json.dumps({"type": "message.send", "room": self.rooms[0], "body": "x" * 200}).encode()
+        header = bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big") + os.urandom(4)
+        ws.transport.write(header + payload[: len(payload) // 2])
+        ws.transport.abort()
+        return True
+
+    async def _session(self, ws: websockets.ClientConnection, stop: asyncio.Event) -> None:
+        for room in self.rooms:
+            since = self.last_seq(room)
+            frame = {"type": "join", "room": room} if since is None else {"type": "join", "room": room, "since": since}
+            await ws.send(json.dumps(frame))
+        # Posts not acked on an earlier connection are retried with the same id.
+        for post in list(self.unacked.values()):
+            await ws.send(json.dumps(post))
+        reader = asyncio.create_task(self._read(ws))
+        try:
+            while not stop.is_set() and not reader.done():
+                if self.posting:
+                    self._n += 1
+                    room = self.rooms[self._n % len(self.rooms)]
+                    cid = f"{self.name}-{self._n}"
+                    post = {"type": "message.send", "room": room, "body": cid, "client_msg_id": cid}
+                    self.unacked[cid] = post
+                    await ws.send(json.dumps(post))
+                await asyncio.sleep(self.post_interval_s)
+        finally:
+            reader.cancel()
+            try:
+                await reader
+            except (asyncio.CancelledError, websockets.WebSocketException, OSError):
+                pass
+
+    async def _read(self, ws: websockets.ClientConnection) -> None:
+        async for raw in ws:
+            frame = json.loads(raw)
+            kind = frame["type"]
+            if kind == "message":
+                data = frame["data"]
+                self.received.setdefault(data["room"], []).append(data["seq"])
+                self.arrivals.setdefault(data["room"], []).append((time.monotonic(), data["seq"]))
+            elif kind == "joined":
+                self.start_seq.setdefault(frame["room"], frame["seq"])
+                if frame.get("recovered") is False:
+                    self.recovered_false += 1
+            elif kind == "ack":
+                self.acked.add(frame["client_msg_id"])
+                self.unacked.pop(frame["client_msg_id"], None)
+            elif kind == "error":
+                self.refused[frame["code"]] += 1
+                if frame["code"] == "unavailable" and frame.get("ref") in self.unacked:
+                    await asyncio.sleep(0.2)
+                    await ws.send(json.dumps(self.unacked[frame["ref"]]))
+
+
+@dataclass
+class HealRecord:
+    fault: Fault
+    started: float  # monotonic
+    ended: float  # monotonic: when the fault's own action is planned to be over (a thaw, a restart)
+    latest_before: dict[str, int]
+    heal_s: float | None = None  # from started; None: not healed
+    bound_s: float = 0.0  # from started
+
+
+@dataclass
+class ChaosRun:
+    """A seeded schedule played against a stack while clients post, then checked."""
+
+    stack: Stack
+    faults: list[Fault]
+    targets: HealTargets
+    clients: list[ChaosClient]
+    log: Callable[[str], None] = print
+    records: list[HealRecord] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def db_path(self) -> Path:
+        return self.stack.data_dir / "chat.db"
+
+    async def play(self) -> None:
+        """Inject every fault at its time (each in its own task, so they overlap); wait for all."""
+        loop = asyncio.get_running_loop()
+        origin = loop.time()
+        tasks = []
+        for fault in self.faults:
+            await asyncio.sleep(max(0.0, origin + fault.at_s - loop.time()))
+            tasks.append(asyncio.create_task(self._inject(fault)))
+        await asyncio.gather(*tasks)
+
+    async def _inject(self, fault: Fault) -> None:
+        latest = await asyncio.to_thread(latest_seqs, self.db_path)
+        started = time.monotonic()
+        # Its planned end: a restart's own start-up time is part of the healing.
+        self.records.append(HealRecord(fault, started, started + fault.duration_s, latest))
+        self.log(f"fault {fault.describe()} target={fault.target}")
+        await getattr(self, "_" + fault.kind)(fault)
+        self.counts[fault.kind] += 1
+
+    async def _pubsub_cut(self, fault: Fault) -> None:
+        client = aioredis.Redis.from_url(self.stack.redis_url, socket_timeout=5)
+        try:
+            await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        except (OSError, aioredis.RedisError) as exc:  # Redis restarting meanwhile: nothing to cut
+            self.log(f"pubsub_cut found no Redis: {exc}")
+        finally:
+            await client.aclose()
+
+    async def _redis_restart(self, fault: Fault) -> None:
+        port = self.stack.redis.port
+        await asyncio.to_thread(self.stack.redis.stop)
+        await asyncio.sleep(fault.duration_s)
+        self.stack.redis = await asyncio.to_thread(start_redis, "127.0.0.1", port, self.stack.data_dir / "redis.log")
+
+    async def _worker_kill(self, fault: Fault) -> None:
+        victim = self.stack.gateways[fault.target]
+        if not victim.alive():
+            return  # still being restarted after an earlier kill
+        victim.proc.kill()
+        await asyncio.to_thread(victim.proc.wait)
+        await asyncio.sleep(0.5)  # the supervisor's restart delay
+        replacement = await asyncio.to_thread(
+            start_gateway, self.stack.redis_url, self.stack.kafka.address, self.stack.history_url, self.stack.logs,
+            victim.port, *self.stack.gateway_args,
+        )
+        self.stack.gateways[fault.target] = replacement
+
+    async def _chat_kill(self, fault: Fault) -> None:
+        victim = self.stack.chat
+        if not victim.alive():
+            return
+        victim.proc.kill()
+        await asyncio.to_thread(victim.proc.wait)
+        await asyncio.sleep(fault.duration_s)
+        self.stack.chat = await asyncio.to_thread(
+            start_chat, self.stack.data_dir, self.stack.kafka.address, self.stack.logs, victim.port, *self.stack.chat_args
+        )
+
+    async def _freeze(self, pid: int, seconds: float) -> None:
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            return
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    async def _chat_stop(self, fault: Fault) -> None:
+        await self._freeze(self.stack.chat.proc.pid, fault.duration_s)
+
+    async def _broker_stop(self, fault: Fault) -> None:
+        await self._freeze(self.stack.kafka.proc.pid, fault.duration_s)
+
+    async def _client_cut(self, fault: Fault) -> None:
+        if not self.clients[fault.target].cut_mid_frame():
+            self.log(f"client_cut: {self.clients[fault.target].name} was not connected")
+
+    # ---- heal times --------------------------------------------------------------
+
+    def measure_heals(self) -> None:
+        """Fill each record's heal time and bound from the clients' arrival times.
+
+        A fault's bound is its own deadline (its end plus its kind's target),
+        stretched to the deadline of any other fault whose recovery window it
+        overlaps: one that began earlier and is not yet due, or one that
+        begins before this one is due (chained).
+        """
+        by_start = sorted(self.records, key=lambda r: r.started)
+        due = [r.ended + self.targets.after_end(r.fault.kind) for r in by_start]
+        for i, record in enumerate(by_start):
+            healed = 0.0
+            for client in self.clients:
+                for room in client.rooms:
+                    at = client.first_arrival_above(room, record.latest_before.get(room, 0))
+                    healed = float("inf") if at is None else max(healed, at - record.started)
+            record.heal_s = None if healed == float("inf") else healed
+            deadline = max([due[i]] + [due[j] for j in range(i) if due[j] >= record.started])
+            for j in range(i + 1, len(by_start)):
+                if by_start[j].started > deadline:
+                    break
+                deadline = max(deadline, due[j])
+            record.bound_s = deadline - record.started
+
+    def heal_table(self) -> dict[str, dict[str, float]]:
+        """Per kind: count, the max heal time, and the max among faults nothing else overlapped."""
+        table: dict[str, dict[str, float]] = {}
+        for record in self.records:
+            row = table.setdefault(record.fault.kind, {"faults": 0, "max_heal_s": 0.0, "max_bound_s": 0.0})
+            row["faults"] += 1
+            heal = record.heal_s if record.heal_s is not None else float("inf")
+            row["max_heal_s"] = round(max(row["max_heal_s"], heal), 2)
+            row["max_bound_s"] = round(max(row["max_bound_s"], record.bound_s), 2)
+        return table
+
+    def unhealed(self) -> list[str]:
+        """Faults whose deliveries did not resume within their bound, described."""
+        late = []
+        for r in self.records:
+            if r.heal_s is None or r.heal_s > r.bound_s:
+                heal = "never" if r.heal_s is None else f"{r.heal_s:.2f} s"
+                late.append(f"{r.fault.describe()}: healed {heal}, bound {r.bound_s:.2f} s")
+        return late
