@@ -108,6 +108,7 @@ class GatewayApp:
         self.draining = False
         self.closed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self._fill_slots = asyncio.Semaphore(FILL_CONCURRENCY)
         self.port = 0
         self.admin: HttpServer | None = None
@@ -172,7 +173,8 @@ class GatewayApp:
             **make_server_kwargs(self.config.max_frame_bytes),
         )
         self.port = self.server.sockets[0].getsockname()[1]
-        self.spawn(self._heartbeat())
+        # Not in self._tasks: the drain waits for those, and this one never ends by itself.
+        self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat(), name="heartbeat")
         log.info("gateway worker %s listening on %s:%d", self.name, self.config.host, self.port)
         if self.config.admin_port:
             router = Router()
@@ -221,6 +223,8 @@ class GatewayApp:
 
     async def _drain_steps(self) -> None:
         log.info("drain step 1/7: readiness off")
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
         log.info("drain step 2/7: listener closed")
         if self.server is not None:
             self.server.close()

@@ -174,6 +174,19 @@ class MemberFile:
         if member_id and member_id != self._kept:
             self.remember(member_id)
 
+    async def start(self, consumer: AIOKafkaConsumer) -> None:
+        """consumer.start() (which joins the group), keeping the member id as soon as the broker gives it."""
+        starting = asyncio.ensure_future(consumer.start())
+        try:
+            while not starting.done():
+                await asyncio.wait({starting}, timeout=0.05)
+                self.track(consumer)
+        finally:
+            if not starting.done():
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
+        starting.result()
+
     def remember(self, member_id: str) -> None:
         self._kept = member_id
         try:

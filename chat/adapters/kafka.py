@@ -296,7 +296,7 @@ class IngestPipeline:
             )
             consumer.subscribe([INGEST_TOPIC], listener=_Listener(self, consumer))
             try:
-                await _until_stopped(consumer.start(), stop)
+                await _until_stopped(self._member_file.start(consumer), stop)
                 return consumer
             except (KafkaError, OSError, TimeoutError, _Stopped) as exc:
                 await _stop_quietly(consumer, None)

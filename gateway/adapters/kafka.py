@@ -249,7 +249,7 @@ class CreatedRelay:
             )
             consumer.subscribe([CREATED_TOPIC], listener=_Membership(self, consumer))
             try:
-                await consumer.start()
+                await self.member_file.start(consumer)
             except Exception as exc:
                 await consumer.stop()
                 log.warning("kafka %s unreachable for the relay (%s); retrying", self.bootstrap, exc)

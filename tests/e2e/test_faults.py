@@ -71,10 +71,14 @@ async def run_mixed_faults(tmp_path: Path, seed: int) -> None:
     try:
         await _exercise(stack, seed)
     except BaseException:
-        print(f"\nmixed-fault run failed with seed {seed}: replay with ROOMCAST_TEST_FAULT_SEEDS={seed}")
+        print(
+            f"\nmixed-fault run failed with seed {seed}: replay with ROOMCAST_TEST_FAULT_SEEDS={seed}; "
+            f"the stack's log is {tmp_path / 'stack.log'}"
+        )
         raise
     finally:
         await asyncio.to_thread(stack.stop)
+        (tmp_path / "stack.log").write_text("\n".join(stack.logs) + "\n")
 
 
 async def _exercise(stack, seed: int) -> None:  # type: ignore[no-untyped-def]
