@@ -129,15 +129,19 @@ class ChatService:
             await self.http.start()  # history is served even while Kafka is still away
             if not await self.pipeline.connect(stop):
                 return  # stopped before Kafka answered
-            log.info(
-                "chat service ready: history API on %s:%d, event loop %s",
-                self.config.http_host,
-                self.http.port,
-                type(asyncio.get_running_loop()).__module__.split(".")[0],
-            )
-            if on_ready is not None:
-                on_ready(self.http.port)
             run_task = asyncio.create_task(self.pipeline.run(stop), name="roomcast-chat-ingest")
+            # Ready once the consumer has joined its group (the pipeline's run joins it, watched).
+            while not (self.pipeline.connected or run_task.done() or stop.is_set()):
+                await asyncio.sleep(0.02)
+            if self.pipeline.connected:
+                log.info(
+                    "chat service ready: history API on %s:%d, event loop %s",
+                    self.config.http_host,
+                    self.http.port,
+                    type(asyncio.get_running_loop()).__module__.split(".")[0],
+                )
+                if on_ready is not None:
+                    on_ready(self.http.port)
             stopped = asyncio.ensure_future(stop.wait())
             try:
                 await asyncio.wait({run_task, stopped}, return_when=asyncio.FIRST_COMPLETED)

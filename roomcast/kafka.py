@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -31,10 +32,12 @@ __all__ = [
     "ConsumerStalled",
     "MemberFile",
     "WatchedMember",
-    "committed_or_none",
+    "OffsetUnknown",
+    "committed_offset",
     "consumer_lag",
     "contiguous",
     "ensure_topics",
+    "unowned_offsets",
 ]
 
 Fetched = dict[TopicPartition, list[ConsumerRecord[Any, Any]]]  # what getmany() returns
@@ -83,7 +86,16 @@ async def contiguous(consumer: AIOKafkaConsumer, guard: OffsetGapGuard, batch: F
     held = False
     for tp, records in batch.items():
         if not guard.knows(tp):
-            guard.expect(tp, await committed_or_none(consumer, tp))
+            try:
+                guard.expect(tp, await committed_offset(consumer, tp))
+            except OffsetUnknown as exc:
+                # Where the partition starts is unknown: guessing from this fetch
+                # could step over a hole, so fetch it again once the broker answers.
+                log.info("%s; fetching the partition again", exc)
+                held = True
+                if tp in consumer.assignment():
+                    consumer.seek(tp, records[0].offset)
+                continue
         admission = guard.admit(tp, [r.offset for r in records], now)
         if admission.refetch_from is not None:
             held = True
@@ -96,18 +108,21 @@ async def contiguous(consumer: AIOKafkaConsumer, guard: OffsetGapGuard, batch: F
     return admitted
 
 
-async def committed_or_none(consumer: AIOKafkaConsumer, tp: TopicPartition, timeout_s: float = 2.0) -> int | None:
-    """The group's committed offset of tp, or None when unknown or not answered in time.
+class OffsetUnknown(Exception):
+    """The group's committed offset could not be read now (broker away or frozen)."""
+
+
+async def committed_offset(consumer: AIOKafkaConsumer, tp: TopicPartition, timeout_s: float = 2.0) -> int | None:
+    """The group's committed offset of tp; None when the group has committed none.
 
     Bounded: aiokafka retries a retriable error here forever, and a member
-    that waits on it inside a batch never rejoins a rebalance.
+    that waits on it inside a batch never rejoins a rebalance. Raises
+    OffsetUnknown when the broker did not answer in time.
     """
     try:
         return await asyncio.wait_for(consumer.committed(tp), timeout_s)
     except (KafkaError, asyncio.TimeoutError) as exc:
-        log.debug("committed offset of %s unknown (%r)", tp, exc)
-        return None
-
+        raise OffsetUnknown(f"committed offset of {tp} unknown ({exc!r})") from exc
 
 
 def consumer_lag(consumer: AIOKafkaConsumer, handed_out: dict[TopicPartition, int]) -> int:
@@ -138,6 +153,23 @@ def consumer_lag(consumer: AIOKafkaConsumer, handed_out: dict[TopicPartition, in
         if position is not None:
             total += max(0, high - position)
     return total
+
+
+async def unowned_offsets(consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 2.0) -> dict[int, tuple[int | None, int]]:
+    """partition -> (the group's committed offset, the end offset) of each partition of topic
+    this member does not own. Empty when the broker does not answer in time."""
+    partitions = consumer.partitions_for_topic(topic) or set()
+    owned = {tp.partition for tp in consumer.assignment()}
+    others = [TopicPartition(topic, p) for p in sorted(partitions) if p not in owned]
+    if not others:
+        return {}
+    try:
+        ends = await asyncio.wait_for(consumer.end_offsets(others), timeout_s)
+        committed = {tp: await committed_offset(consumer, tp, timeout_s) for tp in others}
+    except (KafkaError, OffsetUnknown, asyncio.TimeoutError) as exc:
+        log.debug("offsets of %s's other partitions unknown (%r)", topic, exc)
+        return {}
+    return {tp.partition: (committed[tp], ends[tp]) for tp in others}
 
 
 class ConsumerStalled(RuntimeError):
@@ -191,7 +223,7 @@ class MemberFile:
         self._kept = member_id
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(member_id)
+            self.path.write_text(f"{member_id} {os.getpid()} {_started_at(os.getpid())}")
         except OSError as exc:  # only a faster failover is lost
             log.debug("could not keep the member id in %s: %s", self.path, exc)
 
@@ -200,12 +232,17 @@ class MemberFile:
         self.path.unlink(missing_ok=True)
 
     async def fence_previous(self, timeout_s: float = 3.0) -> bool:
-        """Send LeaveGroup for the member id a previous incarnation left behind. True if one was sent."""
+        """Send LeaveGroup for the member id a previous incarnation left behind. True if one was sent.
+
+        Only for a process that is gone: a live process that wrote the file
+        is another member under the same name, and is left alone.
+        """
         try:
-            member_id = self.path.read_text().strip()
-        except OSError:
+            member_id, pid, started = self.path.read_text().split()
+        except (OSError, ValueError):
             return False
-        if not member_id:
+        if started != "?" and _started_at(int(pid)) == started:
+            log.warning("another live process (pid %s) is a member of %s under this name; give each its own", pid, self.group)
             return False
         client = AIOKafkaClient(bootstrap_servers=self.bootstrap, request_timeout_ms=int(timeout_s * 1000))
         try:
@@ -222,21 +259,37 @@ class MemberFile:
         return True
 
 
+def _started_at(pid: int) -> str:
+    """When process pid started (clock ticks since boot), which tells a reused pid apart; '?' if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
 Consumer = TypeVar("Consumer")
 
 
 class WatchedMember(Generic[Consumer]):
     """Runs one group member and keeps it live: a stuck member rejoins with a fresh consumer.
 
-    `connect()` returns a started consumer (retrying while the broker is away;
-    None once `stop` is set), `consume(consumer)` runs the member's loop until
-    `stop` is set, `close(consumer)` leaves the group. `state()` tells the
-    watchdog (in the group, lag, progress counter) twice a second. After
-    `watchdog.max_rejoins` rejoins that did not help, `run` raises
-    ConsumerStalled. The caller owns `stop`.
+    With `topic`, it also looks at the partitions other members own, every
+    GROUP_CHECK_S: one with records waiting whose committed offset stands
+    still past the bound has lost its owner without the group noticing, and
+    this member asks the group to rebalance (roomcast.watchdog, REBALANCE).
+
+    `connect()` returns a started consumer, which has joined the group
+    (retrying while the broker is away; None once `stop` is set); it is
+    watched too, since a join can hang. `consume(consumer)` runs the member's
+    loop until `stop` is set, `close(consumer)` leaves the group. `state()`
+    tells the watchdog (in the group, lag, a progress counter that connection
+    attempts move too) twice a second. After `watchdog.max_rejoins` rejoins
+    that did not help, `run` raises ConsumerStalled. The caller owns `stop`.
     """
 
     PERIOD_S = 0.5
+    GROUP_CHECK_S = 2.0
 
     def __init__(
         self,
@@ -249,8 +302,11 @@ class WatchedMember(Generic[Consumer]):
         state: Callable[[], tuple[bool, int, int]],
         stop: asyncio.Event,
         stop_grace_s: float = 10.0,
+        topic: str | None = None,
     ) -> None:
         self.name = name
+        self.topic = topic
+        self.rebalances = 0
         self.watchdog = watchdog
         self._connect, self._consume, self._close, self._state = connect, consume, close, state
         self.stop = stop
@@ -261,36 +317,58 @@ class WatchedMember(Generic[Consumer]):
         return self.watchdog.stalled_for(time.monotonic())
 
     async def run(self) -> None:
-        rejoining = False
         while not self.stop.is_set():
-            consumer = await self._connect()
+            # connect() must close a consumer it started when it is cancelled.
+            connecting = asyncio.ensure_future(self._connect())
+            verdict = await self._watch(connecting)
+            if not connecting.done():
+                connecting.cancel()
+                await asyncio.gather(connecting, return_exceptions=True)
+                if verdict is Verdict.OK:
+                    return  # stopping
+                self._rejoining(verdict, "joining")
+                continue
+            consumer = connecting.result()
             if consumer is None:
                 return
-            if rejoining:
-                self.watchdog.rejoined(time.monotonic())
             task = asyncio.ensure_future(self._consume(consumer))
-            verdict = await self._watch(task)
+            verdict = await self._watch(task, consumer)
             if verdict is Verdict.OK:  # stopping, or the loop ended
                 await self._finish(task, consumer)
                 return
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await self._close(consumer)
-            if verdict is Verdict.EXIT:
-                raise ConsumerStalled(f"{self.name}: {self.watchdog.last_reason}, after {self.watchdog.max_rejoins} rejoins")
-            self.rejoins += 1
-            rejoining = True
-            log.warning("%s stuck (%s): leaving the group and rejoining with a fresh consumer", self.name, self.watchdog.last_reason)
+            self._rejoining(verdict, "consuming")
 
-    async def _watch(self, task: asyncio.Future[None]) -> Verdict:
+    def _rejoining(self, verdict: Verdict, doing: str) -> None:
+        reason = self.watchdog.last_reason
+        if verdict is Verdict.EXIT:
+            raise ConsumerStalled(f"{self.name}: {reason} while {doing}, after {self.watchdog.max_rejoins} rejoins")
+        self.rejoins += 1
+        self.watchdog.rejoined(time.monotonic())
+        log.warning("%s stuck while %s (%s): leaving the group and rejoining with a fresh consumer", self.name, doing, reason)
+
+    async def _watch(self, task: asyncio.Future[Any], consumer: Any = None) -> Verdict:
         stopped = asyncio.ensure_future(self.stop.wait())
+        next_group_check = time.monotonic() + self.GROUP_CHECK_S
         try:
             while not task.done() and not self.stop.is_set():
                 await asyncio.wait({task, stopped}, timeout=self.PERIOD_S)
+                if task.done():
+                    break
                 in_group, lag, progress = self._state()
-                verdict = self.watchdog.observe(time.monotonic(), in_group=in_group, lag=lag, progress=progress)
+                now = time.monotonic()
+                verdict = self.watchdog.observe(now, in_group=in_group, lag=lag, progress=progress)
                 if verdict is not Verdict.OK:
                     return verdict
+                if consumer is not None and self.topic is not None and in_group and now >= next_group_check:
+                    next_group_check = now + self.GROUP_CHECK_S
+                    unowned = await unowned_offsets(consumer, self.topic)
+                    if self.watchdog.observe_group(time.monotonic(), unowned) is Verdict.REBALANCE:
+                        self.rebalances += 1
+                        log.warning("%s: %s; asking the group to rebalance", self.name, self.watchdog.last_reason)
+                        consumer._coordinator.request_rejoin()  # noqa: SLF001
             return Verdict.OK
         finally:
             stopped.cancel()

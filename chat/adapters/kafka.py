@@ -147,10 +147,12 @@ class IngestPipeline:
         # broker can show a later record before an earlier one: roomcast.offsets).
         self._offsets = OffsetGapGuard()
         self._in_group = False
+        self._attempts = 0
         self._instance_id = config.instance_id or socket.gethostname()
         self._member_file = MemberFile(config.kafka_bootstrap, CHAT_GROUP, self._instance_id)
         self.watchdog = ConsumerWatchdog(
-            stall_bound_s(config.kafka_session_timeout_ms, tuning.rebalance_timeout_ms)
+            stall_bound_s(config.kafka_session_timeout_ms, tuning.rebalance_timeout_ms),
+            orphan_after_s=config.kafka_session_timeout_ms / 1000,
         )
         self.member: WatchedMember[AIOKafkaConsumer] | None = None
         self._init_metrics(metrics if metrics is not None else MetricsRegistry())
@@ -190,14 +192,15 @@ class IngestPipeline:
 
     @property
     def connected(self) -> bool:
-        """True from a successful connect() until aclose()."""
-        return self._consumer is not None
+        """The producer is up and the consumer has joined its group, and neither is stuck."""
+        stalled_ms = self.member.stalled_for() * 1000 if self.member is not None else 0.0
+        return self._producer is not None and self._consumer is not None and stalled_ms < self.config.kafka_session_timeout_ms
 
     def _member_state(self) -> tuple[bool, int, int]:
         if self._consumer is not None:
             self._member_file.track(self._consumer)
-        # A batch retrying a failing store or producer is alive: its retries count as progress.
-        return self._in_group, self.lag(), self._records + self._retries
+        # Retries of a failing batch and failed connection attempts are signs of life.
+        return self._in_group, self.lag(), self._records + self._retries + self._attempts
 
     def lag(self) -> int:
         """Records on the assigned partitions not yet fetched (roomcast.kafka.consumer_lag). Never raises."""
@@ -223,10 +226,10 @@ class IngestPipeline:
     # ---- lifecycle ------------------------------------------------------------
 
     async def connect(self, stop: asyncio.Event) -> bool:
-        """Start the producer and the consumer (which joins the group).
+        """Start the producer; run() starts the consumer (which joins the group, watched).
 
         Retries with backoff while Kafka is unreachable, logging each failure.
-        Returns False if `stop` was set before both started.
+        Returns False if `stop` was set before it started.
         """
         t = self.tuning
         delay = t.retry_initial_s
@@ -255,31 +258,24 @@ class IngestPipeline:
             except BaseException:
                 await _stop_quietly(None, producer)
                 raise
-            consumer = await self._open_consumer(stop)
-            if consumer is None:
-                await _stop_quietly(None, producer)
-                return False
-            self._producer, self._consumer = producer, consumer
-            log.info(
-                "consuming %s as group %s from %s (joined in %.1f s)",
-                INGEST_TOPIC,
-                CHAT_GROUP,
-                self.config.kafka_bootstrap,
-                time.monotonic() - started,
-            )
+            self._producer = producer
+            log.info("producing %s to %s (connected in %.1f s)", CREATED_TOPIC, self.config.kafka_bootstrap, time.monotonic() - started)
             return True
         return False
 
     async def _open_consumer(self, stop: asyncio.Event) -> AIOKafkaConsumer | None:
-        """A started consumer in group chat-service, retrying while Kafka is away; None once `stop` is set."""
+        """A started consumer in group chat-service, retrying while Kafka is away; None once `stop` is set.
+
+        Cancelled (the watchdog gave up on a join that hangs), it closes the consumer it started.
+        """
         t = self.tuning
         session_ms = self.config.kafka_session_timeout_ms
         # A killed predecessor of this instance would hold its partitions until its session expires.
         await self._member_file.fence_previous()
         delay = t.retry_initial_s
-        attempt = 0
+        started = time.monotonic()
         while not stop.is_set():
-            attempt += 1
+            self._attempts += 1
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.config.kafka_bootstrap,
                 client_id="roomcast-chat",
@@ -297,17 +293,23 @@ class IngestPipeline:
             consumer.subscribe([INGEST_TOPIC], listener=_Listener(self, consumer))
             try:
                 await _until_stopped(self._member_file.start(consumer), stop)
-                return consumer
             except (KafkaError, OSError, TimeoutError, _Stopped) as exc:
                 await _stop_quietly(consumer, None)
                 if isinstance(exc, _Stopped):
                     return None
-                self._unreachable(attempt, exc, delay)
+                self._unreachable(self._attempts, exc, delay)
                 await _sleep_unless(stop, delay)
                 delay = min(delay * 2, t.connect_retry_max_s)
+                continue
             except BaseException:
                 await _stop_quietly(consumer, None)
                 raise
+            self._consumer = consumer
+            log.info(
+                "consuming %s as group %s from %s (joined in %.1f s)",
+                INGEST_TOPIC, CHAT_GROUP, self.config.kafka_bootstrap, time.monotonic() - started,
+            )
+            return consumer
         return None
 
     def _unreachable(self, attempt: int, exc: BaseException, delay: float) -> None:
@@ -353,26 +355,19 @@ class IngestPipeline:
         consumer (roomcast.watchdog). Raises ConsumerStalled when rejoining
         did not help, and any unexpected exception (a bug).
         """
-        first = self._consumer
-        if first is None:
+        if self._producer is None:
             raise RuntimeError("connect() first")
-
-        async def connect() -> AIOKafkaConsumer | None:
-            nonlocal first
-            consumer, first = first, None
-            if consumer is None:
-                consumer = self._consumer = await self._open_consumer(stop)
-            return consumer
 
         self.member = WatchedMember(
             "the ingest pipeline",
             self.watchdog,
-            connect=connect,
+            connect=lambda: self._open_consumer(stop),
             consume=lambda consumer: self._consume(consumer, stop),
             close=self._close_consumer,
             state=self._member_state,
             stop=stop,
             stop_grace_s=self.tuning.shutdown_grace_s + self.tuning.revoke_grace_s,
+            topic=INGEST_TOPIC,
         )
         await self.member.run()
 

@@ -187,6 +187,7 @@ class CreatedRelay:
         self._batch_lock = asyncio.Lock()
         self.published = 0
         self.fetched = 0  # records handed out by the consumer: the watchdog's progress
+        self.attempts = 0  # failed connection attempts: progress too, while the broker is away
         self.connected = False
         self.in_group = False
         self._next_offset: dict[TopicPartition, int] = {}
@@ -196,18 +197,21 @@ class CreatedRelay:
         self.member_file = MemberFile(bootstrap, group_id, client_id)
         self.member = WatchedMember(
             "the message.created relay",
-            ConsumerWatchdog(stall_bound_s(session_timeout_ms, self.rebalance_timeout_ms)),
+            ConsumerWatchdog(
+                stall_bound_s(session_timeout_ms, self.rebalance_timeout_ms), orphan_after_s=session_timeout_ms / 1000
+            ),
             connect=self._open,
             consume=self._consume,
             close=self._close,
             state=self._member_state,
             stop=self._stop,
+            topic=CREATED_TOPIC,
         )
 
     def _member_state(self) -> tuple[bool, int, int]:
         if self._consumer is not None:
             self.member_file.track(self._consumer)
-        return self.in_group, self.lag(), self.fetched
+        return self.in_group, self.lag(), self.fetched + self.attempts
 
     @property
     def live(self) -> bool:
@@ -252,9 +256,13 @@ class CreatedRelay:
                 await self.member_file.start(consumer)
             except Exception as exc:
                 await consumer.stop()
+                self.attempts += 1
                 log.warning("kafka %s unreachable for the relay (%s); retrying", self.bootstrap, exc)
                 delay = await _backoff(delay)
                 continue
+            except BaseException:  # cancelled: the watchdog gave up on this join
+                await asyncio.wait_for(consumer.stop(), BATCH_STEP_TIMEOUT_S)
+                raise
             self._consumer = consumer
             self.connected = True
             return consumer

@@ -72,3 +72,37 @@ async def test_sigterm_drains_in_order_with_1012_and_loses_no_acked_post(tmp_pat
         assert acked <= stored, f"{len(acked - stored)} acked posts were not stored"
     finally:
         await asyncio.to_thread(stack.stop)
+
+
+def test_one_ctrl_c_to_roomcast_dev_drains_every_worker(tmp_path: Path) -> None:
+    """Ctrl-C signals the whole process group: dev, the gateway supervisor, its workers and
+    the chat service each get it, and dev and the supervisor pass it on too. That one stop
+    must drain every worker, not count as a second signal that skips the drain."""
+    import os
+    import subprocess
+    import sys
+
+    from roomcast.embedded import free_port, stop_process
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "roomcast.cli", "dev", "--port", str(free_port()), "--workers", "2", "--data-dir", str(tmp_path)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + scaled(90)
+        for raw in proc.stdout:
+            lines.append(raw.decode(errors="replace").rstrip())
+            if lines[-1].startswith("roomcast ready ") or time.monotonic() > deadline:
+                break
+        assert lines and lines[-1].startswith("roomcast ready "), "\n".join(lines[-50:])
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        out, _ = proc.communicate(timeout=scaled(60))
+        lines += out.decode(errors="replace").splitlines()
+    finally:
+        stop_process(proc, 10)
+    text = "\n".join(lines)
+    assert "without finishing the drain" not in text and "without a full drain" not in text, text[-3000:]
+    assert sum(1 for line in lines if line.endswith("roomcast.gateway: drained")) == 2, text[-3000:]
+    assert proc.returncode == 0, text[-3000:]
