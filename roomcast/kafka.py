@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient, CoordinationType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.protocol.admin import DescribeGroupsRequest
 from aiokafka.protocol.group import LeaveGroupRequest
 
 from roomcast.offsets import OffsetGapGuard
@@ -248,6 +249,14 @@ class MemberFile:
         try:
             await asyncio.wait_for(client.bootstrap(), timeout_s)
             node = await asyncio.wait_for(client.coordinator_lookup(CoordinationType.GROUP, self.group), timeout_s)
+            described = await asyncio.wait_for(client.send(node, DescribeGroupsRequest([self.group])), timeout_s)
+            state = described.groups[0][2] if described.groups else ""
+            if state != "Stable":
+                # Mid-rebalance, the embedded broker keeps a leader that left as the
+                # group's leader, and the group never settles again: let the
+                # session expire instead (README, "Limits").
+                log.info("%s is %s, not Stable: leaving the previous member %s to its session", self.group, state or "unknown", member_id)
+                return False
             await asyncio.wait_for(client.send(node, LeaveGroupRequest(self.group, member_id)), timeout_s)
         except (KafkaError, OSError, asyncio.TimeoutError) as exc:
             log.info("could not drop the previous member %s of %s (%r); its session will expire", member_id, self.group, exc)

@@ -71,12 +71,14 @@ def wall_clock_ms() -> int:
 class KafkaTuning:
     """Timings of the pipeline's Kafka clients and retries (not user settings yet).
 
-    The session timeout is a setting (`kafka_session_timeout_ms`); the
-    rebalance timeout covers a batch's revocation grace and its store.
+    The session timeout is a setting (`kafka_session_timeout_ms`).
     """
 
     heartbeat_interval_ms: int = 1000
-    rebalance_timeout_ms: int = 10_000
+    # A batch takes milliseconds and its revocation waits revoke_grace_s: a
+    # member not back within this is gone (and the watchdog's bound, derived
+    # from it, stays short).
+    rebalance_timeout_ms: int = 6000
     poll_timeout_ms: int = 100  # getmany wait when idle; bounds how fast a stop is seen
     request_timeout_ms: int = 10_000
     revoke_grace_s: float = 3.0  # how long a revocation waits for the in-flight batch

@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from chat.adapters.kafka import KafkaTuning
+from roomcast.watchdog import stall_bound_s
 from roomcast.wire.events import INGEST_TOPIC, decode_ingest
 from tests.e2e.chaos import ChaosClient, ChaosRun, HealTargets, draw_schedule, latest_seqs, stored_messages
 from tests.e2e.stack import start_stack
@@ -89,27 +91,32 @@ async def _exercise(stack, seed: int) -> None:  # type: ignore[no-untyped-def]
         for i in range(12)
     ]
     faults = draw_schedule(seed, FAULTS_PER_RUN, gateways=2, clients=len(clients))
-    run = ChaosRun(stack, faults, HealTargets(relay_session_s=SESSION_S, chat_session_s=SESSION_S), clients)
+    chat_watchdog_s = stall_bound_s(int(SESSION_S * 1000), KafkaTuning().rebalance_timeout_ms)
+    run = ChaosRun(stack, faults, HealTargets(relay_session_s=SESSION_S, chat_watchdog_s=chat_watchdog_s), clients)
     print(f"\nseed {seed}: " + ", ".join(f.describe() for f in faults))
     stop = asyncio.Event()
     tasks = [asyncio.create_task(c.run(stop)) for c in clients]
+    run.supervise()
     await asyncio.sleep(2)  # every client joined and posting before the first fault
     await run.play()
     # Posting goes on for the longest heal bound, so the last faults' heals can be seen.
-    await asyncio.sleep(SESSION_S + 6)
+    await asyncio.sleep(chat_watchdog_s + 6)
     for c in clients:
         c.posting = False
     # Let retries land and every room settle.
     loop = asyncio.get_running_loop()
     deadline = loop.time() + scaled(90)
     while loop.time() < deadline:
-        latest = await asyncio.to_thread(latest_seqs, run.db_path)
+        stored = await asyncio.to_thread(stored_messages, run.db_path)
+        latest = latest_seqs(run.db_path)
         pending = sum(len(c.unacked) for c in clients)
+        not_stored = {(c.name, cid) for c in clients for cid in c.acked} - {(user, cid) for _, _, user, cid in stored}
         behind = [(c.name, r) for c in clients for r in c.rooms if (c.last_seq(r) or 0) < latest.get(r, 0)]
-        if pending == 0 and not behind:
+        if pending == 0 and not not_stored and not behind:
             break
         await asyncio.sleep(1)
     stop.set()
+    await run.stop_supervising()
     await asyncio.gather(*tasks, return_exceptions=True)
     run.measure_heals()
 

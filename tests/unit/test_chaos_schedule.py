@@ -21,7 +21,7 @@ def test_a_seed_draws_the_same_schedule_with_every_kind_and_no_double_freeze() -
 
 
 def _run(records: list[HealRecord], client: ChaosClient) -> ChaosRun:
-    run = ChaosRun(stack=None, faults=[], targets=HealTargets(6, 6), clients=[client], log=lambda _: None)  # type: ignore[arg-type]
+    run = ChaosRun(stack=None, faults=[], targets=HealTargets(6, 8), clients=[client], log=lambda _: None)  # type: ignore[arg-type]
     run.records = records
     run.measure_heals()
     return run
@@ -43,7 +43,7 @@ def test_an_overlapping_fault_stretches_the_bound_and_a_freeze_during_a_rejoin_r
     kill = HealRecord(Fault(0, "chat_kill", 0.5, 0), started=100.0, ended=100.5, latest_before={"r": 40})
     freeze = HealRecord(Fault(3, "chat_stop", 2.0, 0), started=103.0, ended=105.0, latest_before={"r": 40})
     run = _run([kill, freeze], client)
-    # The freeze hit the chat service while it rejoined: kill target (6 + 7) from the freeze's end.
+    # The freeze hit the chat service while it rejoined: kill target (8 + 5) from the freeze's end.
     assert freeze.bound_s == 105.0 + 13.0 - 103.0
     assert kill.bound_s == 105.0 + 13.0 - 100.0
     assert run.unhealed() == ["chat_kill@0.0s/0.5s: healed 20.00 s, bound 18.00 s", "chat_stop@3.0s/2.0s: healed 17.00 s, bound 15.00 s"]
