@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from roomcast.config import DevConfig
@@ -32,6 +33,8 @@ __all__ = ["run_dev", "READY_PREFIX"]
 
 READY_PREFIX = "roomcast ready "
 STARTUP_TIMEOUT_S = 60.0
+# The chat service is restarted when it exits, at most this often a minute.
+CHAT_RESTARTS_PER_MINUTE = 5
 
 
 def _say(message: str) -> None:
@@ -71,18 +74,16 @@ def run_dev(config: DevConfig) -> int:
         http_port = free_port(host)
         ws_url = f"ws://{host}:{config.port}/ws"
         history_url = f"http://{host}:{http_port}/"
-        chat = subprocess.Popen(
-            _python_cli(
-                "chat",
-                "--kafka-bootstrap", kafka.address,
-                "--database-url", f"sqlite:///{data_dir / 'roomcast.db'}",
-                "--http-host", host,
-                "--http-port", str(http_port),
-                "--page-ws-url", ws_url,
-                "--log-level", config.log_level,
-            ),
-            stdin=subprocess.DEVNULL,
+        chat_args = _python_cli(
+            "chat",
+            "--kafka-bootstrap", kafka.address,
+            "--database-url", f"sqlite:///{data_dir / 'roomcast.db'}",
+            "--http-host", host,
+            "--http-port", str(http_port),
+            "--page-ws-url", ws_url,
+            "--log-level", config.log_level,
         )
+        chat = subprocess.Popen(chat_args, stdin=subprocess.DEVNULL)
         children.append(ManagedProcess("chat", chat, host, http_port))
         gateway = subprocess.Popen(
             _python_cli(
@@ -116,11 +117,21 @@ def run_dev(config: DevConfig) -> int:
             f"history={history_url} page=http://{host}:{http_port}/",
             flush=True,
         )
+        chat_restarts: list[float] = []
         while not stop.is_set():
-            for child in children:
-                if not child.alive():
-                    _say(f"{child.name} exited with {child.proc.returncode}; stopping the stack")
-                    return 1
+            for i, child in enumerate(children):
+                if child.alive():
+                    continue
+                recent = [t for t in chat_restarts if time.monotonic() - t < 60]
+                if child.name == "chat" and len(recent) < CHAT_RESTARTS_PER_MINUTE:
+                    # As Kubernetes would: the chat service exits non-zero when its
+                    # consumer's watchdog gives up (README, "Liveness").
+                    _say(f"the chat service exited with {child.proc.returncode}; restarting it")
+                    chat_restarts = [*recent, time.monotonic()]
+                    children[i] = ManagedProcess("chat", subprocess.Popen(chat_args, stdin=subprocess.DEVNULL), host, http_port)
+                    continue
+                _say(f"{child.name} exited with {child.proc.returncode}; stopping the stack")
+                return 1
             stop.wait(0.5)
         _say("stopping")
         return 0

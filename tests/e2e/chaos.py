@@ -274,6 +274,7 @@ class HealRecord:
     latest_before: dict[str, int]
     heal_s: float | None = None  # from started; None: not healed
     bound_s: float = 0.0  # from started
+    isolated: bool = False  # no other fault's recovery window overlapped this one's
 
 
 @dataclass
@@ -413,6 +414,72 @@ class ChaosRun:
         if not self.clients[fault.target].cut_mid_frame():
             self.log(f"client_cut: {self.clients[fault.target].name} was not connected")
 
+    # ---- the end of a run -----------------------------------------------------------
+
+    async def settle(self, timeout_s: float) -> None:
+        """Stop posting; wait until every post is acked and stored and every client holds the latest seqs."""
+        for c in self.clients:
+            c.posting = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            stored = await asyncio.to_thread(stored_messages, self.db_path)
+            latest: dict[str, int] = {}
+            for room, seq, _, _ in stored:
+                latest[room] = max(latest.get(room, 0), seq)
+            ids = {(user, cid) for _, _, user, cid in stored}
+            settled = (
+                not any(c.unacked for c in self.clients)
+                and all((c.name, cid) in ids for c in self.clients for cid in c.acked)
+                and all((c.last_seq(r) or 0) >= latest.get(r, 0) for c in self.clients for r in c.rooms)
+            )
+            if settled:
+                return
+            await asyncio.sleep(1)
+
+    def problems(self, stored: list[tuple[str, int, str, str]]) -> dict[str, list[str]]:
+        """What broke the promise, by check (empty lists: kept). Call after settle() and measure_heals().
+
+        acked-not-stored: (user, client_msg_id); stored-twice; gaps: rooms whose
+        seqs are not 1..n; incomplete: clients that do not hold every stored
+        message of a room since they joined, once and in order; late: faults
+        whose deliveries did not resume within their bound.
+        """
+        acked = {(c.name, cid) for c in self.clients for cid in c.acked}
+        ids = Counter((user, cid) for _, _, user, cid in stored)
+        by_room: dict[str, list[int]] = {}
+        for room, seq, _, _ in stored:
+            by_room.setdefault(room, []).append(seq)
+        incomplete = []
+        for c in self.clients:
+            for room in c.rooms:
+                got = c.received.get(room, [])
+                expected = list(range(c.start_seq[room] + 1, len(by_room.get(room, [])) + 1))
+                if got != expected:
+                    incomplete.append(
+                        f"client {c.name} room {room}: {len(got)} received vs {len(expected)} expected; dups "
+                        f"{[s for s, n in Counter(got).items() if n > 1][:5]}, missing {sorted(set(expected) - set(got))[:5]}"
+                    )
+        return {
+            "acked-not-stored": [f"{user}/{cid}" for user, cid in sorted(acked - set(ids))],
+            "stored-twice": [f"{user}/{cid}" for (user, cid), n in ids.items() if n > 1],
+            "gaps": [room for room, seqs in by_room.items() if seqs != list(range(1, len(seqs) + 1))],
+            "incomplete": incomplete,
+            "late": self.unhealed(),
+        }
+
+    def report(self, stored: list[tuple[str, int, str, str]]) -> dict[str, object]:
+        return {
+            **self.counts,
+            "posts acked": sum(len(c.acked) for c in self.clients),
+            "messages stored": len(stored),
+            "client reconnects": sum(c.reconnects for c in self.clients),
+            "deliveries": sum(len(v) for c in self.clients for v in c.received.values()),
+            "unavailable answers": sum(c.refused["unavailable"] for c in self.clients),
+            "recovered:false": sum(c.recovered_false for c in self.clients),
+            "unacked at end": sum(len(c.unacked) for c in self.clients),
+        }
+
     # ---- heal times --------------------------------------------------------------
 
     def measure_heals(self) -> None:
@@ -445,22 +512,30 @@ class ChaosRun:
                     at = client.first_arrival_above(room, record.latest_before.get(room, 0))
                     healed = float("inf") if at is None else max(healed, at - record.started)
             record.heal_s = None if healed == float("inf") else healed
-            deadline = max([due[i]] + [due[j] for j in range(i) if due[j] >= record.started])
+            overlapping = [due[j] for j in range(i) if due[j] >= record.started]
+            deadline = max([due[i], *overlapping])
             for j in range(i + 1, len(by_start)):
                 if by_start[j].started > deadline:
                     break
+                overlapping.append(due[j])
                 deadline = max(deadline, due[j])
             record.bound_s = deadline - record.started
+            record.isolated = not overlapping
 
     def heal_table(self) -> dict[str, dict[str, float]]:
-        """Per kind: count, the max heal time, and the max among faults nothing else overlapped."""
+        """Per kind: faults, the max heal time and bound, and the max heal among faults nothing else overlapped."""
         table: dict[str, dict[str, float]] = {}
         for record in self.records:
-            row = table.setdefault(record.fault.kind, {"faults": 0, "max_heal_s": 0.0, "max_bound_s": 0.0})
+            row = table.setdefault(
+                record.fault.kind, {"faults": 0, "max_heal_s": 0.0, "max_bound_s": 0.0, "isolated": 0, "max_isolated_heal_s": 0.0}
+            )
             row["faults"] += 1
             heal = record.heal_s if record.heal_s is not None else float("inf")
             row["max_heal_s"] = round(max(row["max_heal_s"], heal), 2)
             row["max_bound_s"] = round(max(row["max_bound_s"], record.bound_s), 2)
+            if record.isolated:
+                row["isolated"] += 1
+                row["max_isolated_heal_s"] = round(max(row["max_isolated_heal_s"], heal), 2)
         return table
 
     def unhealed(self) -> list[str]:

@@ -74,29 +74,43 @@ async def test_sigterm_drains_in_order_with_1012_and_loses_no_acked_post(tmp_pat
         await asyncio.to_thread(stack.stop)
 
 
-def test_one_ctrl_c_to_roomcast_dev_drains_every_worker(tmp_path: Path) -> None:
-    """Ctrl-C signals the whole process group: dev, the gateway supervisor, its workers and
-    the chat service each get it, and dev and the supervisor pass it on too. That one stop
-    must drain every worker, not count as a second signal that skips the drain."""
+def test_roomcast_dev_restarts_its_chat_service_and_one_ctrl_c_drains_every_worker(tmp_path: Path) -> None:
+    """A chat service that exits (its watchdog gave up, or it crashed) is started again, as
+    Kubernetes would. Then Ctrl-C, which signals the whole process group: dev, the gateway
+    supervisor, its workers and the chat service each get it, and dev and the supervisor pass
+    it on too. That one stop must drain every worker, not count as a second signal."""
     import os
     import subprocess
     import sys
 
-    from roomcast.embedded import free_port, stop_process
+    from roomcast.embedded import free_port, stop_process, wait_for_port
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "roomcast.cli", "dev", "--port", str(free_port()), "--workers", "2", "--data-dir", str(tmp_path)],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     lines: list[str] = []
-    try:
+
+    def read_until(prefix: str) -> None:
         assert proc.stdout is not None
         deadline = time.monotonic() + scaled(90)
         for raw in proc.stdout:
             lines.append(raw.decode(errors="replace").rstrip())
-            if lines[-1].startswith("roomcast ready ") or time.monotonic() > deadline:
+            if prefix in lines[-1] or time.monotonic() > deadline:
                 break
-        assert lines and lines[-1].startswith("roomcast ready "), "\n".join(lines[-50:])
+        assert lines and prefix in lines[-1], "\n".join(lines[-50:])
+
+    try:
+        read_until("roomcast ready ")
+        history_port = int(re.search(r"history=http://127.0.0.1:(\d+)/", lines[-1]).group(1))  # type: ignore[union-attr]
+        chat_pid = next(
+            int(pid) for pid in os.listdir("/proc")
+            if pid.isdigit() and b"\0chat\0" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)
+        )
+        os.kill(chat_pid, signal.SIGKILL)
+        read_until("the chat service exited with -9; restarting it")
+        wait_for_port("127.0.0.1", history_port, scaled(30))
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         out, _ = proc.communicate(timeout=scaled(60))
         lines += out.decode(errors="replace").splitlines()

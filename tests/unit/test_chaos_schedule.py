@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from tests.e2e.chaos import FAULT_KINDS, ChaosClient, ChaosRun, Fault, HealRecord, HealTargets, draw_schedule
 
