@@ -49,7 +49,8 @@ from aiokafka.structs import ConsumerRecord
 from chat.core.validation import validate_ingest
 from chat.storage.base import MessageStore, StoredMessage, StoreError
 from roomcast.config import ChatConfig
-from roomcast.kafka import MemberFile, WatchedMember, consumer_lag, contiguous
+from roomcast.kafka import consumer_lag, contiguous
+from roomcast.membership import MemberFile, WatchedMember
 from roomcast.metrics import SIZE_BUCKETS, MetricsRegistry
 from roomcast.offsets import OffsetGapGuard
 from roomcast.watchdog import ConsumerWatchdog, stall_bound_s

@@ -16,7 +16,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from roomcast.kafka import ConsumerStalled, MemberFile, WatchedMember, consumer_lag, contiguous
+from roomcast.kafka import consumer_lag, contiguous
+from roomcast.membership import ConsumerStalled, MemberFile, WatchedMember
 from roomcast.offsets import OffsetGapGuard
 from roomcast.watchdog import ConsumerWatchdog, stall_bound_s
 from roomcast.wire.events import CREATED_TOPIC, GATEWAY_GROUP, INGEST_TOPIC
@@ -128,7 +129,10 @@ class _Membership(ConsumerRebalanceListener):
         try:
             await asyncio.wait_for(relay._batch_lock.acquire(), REVOKE_GRACE_S)
         except asyncio.TimeoutError:
-            log.warning("a batch held up the revocation of %s for %.0f s; going on without it", sorted(tp.partition for tp in revoked), REVOKE_GRACE_S)
+            log.warning(
+                "a batch held up the revocation of %s for %.0f s; going on without it",
+                sorted(tp.partition for tp in revoked), REVOKE_GRACE_S,
+            )
         else:
             relay._batch_lock.release()
         relay.offsets.forget(revoked)

@@ -106,8 +106,10 @@ GROUPS_DISTURBED = {
 KILL_OF = {"relay": "worker_kill", "chat": "chat_kill"}
 
 
-def draw_schedule(seed: int, count: int, gateways: int, clients: int) -> list[Fault]:
-    """A seeded list of `count` faults (at least one of each kind), 0.5-3 s apart.
+def draw_schedule(
+    seed: int, count: int, gateways: int, clients: int, spacing_s: tuple[float, float] = (0.5, 3.0)
+) -> list[Fault]:
+    """A seeded list of `count` faults (at least one of each kind), `spacing_s` apart (0.5-3 s).
 
     Never two freezes of one process at once: the first SIGCONT would end the
     second early. Everything else may overlap.
@@ -133,7 +135,7 @@ def draw_schedule(seed: int, count: int, gateways: int, clients: int) -> list[Fa
             frozen_until[victim] = at + duration
         target = rng.randrange(clients if kind == "client_cut" else gateways)
         faults.append(Fault(round(at, 2), kind, round(duration, 2), target))
-        at += rng.uniform(0.5, 3.0)
+        at += rng.uniform(*spacing_s)
     return faults
 
 

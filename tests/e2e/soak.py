@@ -1,10 +1,11 @@
 """Soak: the mixed faults of the fault suite, for as long as you like (not in CI).
 
-    python -m tests.e2e.soak --minutes 30 [--seed 7] [--data-dir DIR]
+    python -m tests.e2e.soak --minutes 30 [--seed 7] [--spacing 0.5 3] [--data-dir DIR]
 
 Runs the real stack (two gateway workers, the chat service, Redis, the
 embedded broker) with clients posting, injects a fault every few seconds
-(drawn from the same kinds and spacing as tests/e2e/test_faults.py), and
+(drawn from the same kinds and spacing as tests/e2e/test_faults.py; a wide
+`--spacing`, say 20 20, measures each kind's heal time on its own), and
 prints one summary line a minute: posts acked and stored, deliveries, faults
 and heals, the longest heal and the longest past its bound, and the RSS of
 every process (so growth without bound shows). At the end it checks what the
@@ -30,7 +31,6 @@ from tests.e2e.stack import Stack, start_stack
 
 ROOMS = ["soak-a", "soak-b", "soak-c", "soak-d"]
 SESSION_S = 6.0
-FAULTS_PER_MINUTE = 24  # one every 2.5 s on average, as the suite draws them
 
 
 def rss_mb(pid: int) -> float | None:
@@ -49,13 +49,14 @@ def process_rss(stack: Stack) -> dict[str, float | None]:
     return {name: (round(mb, 1) if (mb := rss_mb(p.proc.pid)) is not None else None) for name, p in named.items()}
 
 
-async def soak(minutes: float, seed: int, data_dir: Path) -> int:
+async def soak(minutes: float, seed: int, data_dir: Path, spacing_s: tuple[float, float]) -> int:
     stack = await asyncio.to_thread(start_stack, data_dir, 2, 4)
     rng = random.Random(seed)
     urls = [stack.ws_url(0), stack.ws_url(1)]
     clients = [ChaosClient(f"s{i}", urls[i % 2 :] + urls[: i % 2], rng.sample(ROOMS, 2), 0.1) for i in range(12)]
     chat_watchdog_s = stall_bound_s(int(SESSION_S * 1000), KafkaTuning().rebalance_timeout_ms)
-    faults = draw_schedule(seed, max(7, int(minutes * FAULTS_PER_MINUTE)), gateways=2, clients=len(clients))
+    count = max(7, int(minutes * 60 / (sum(spacing_s) / 2)))
+    faults = draw_schedule(seed, count, gateways=2, clients=len(clients), spacing_s=spacing_s)
     run = ChaosRun(stack, faults, HealTargets(SESSION_S, chat_watchdog_s), clients, log=lambda _: None)
     stop = asyncio.Event()
     tasks = [asyncio.create_task(c.run(stop)) for c in clients]
@@ -115,16 +116,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.e2e.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="how long to inject faults (default 30)")
     parser.add_argument("--seed", type=int, default=None, help="the fault schedule's seed (default: random, printed)")
+    parser.add_argument(
+        "--spacing", type=float, nargs=2, default=(0.5, 3.0), metavar=("MIN", "MAX"),
+        help="seconds between two faults, drawn between MIN and MAX (default 0.5 3: they overlap)",
+    )
     parser.add_argument("--data-dir", type=Path, default=None, help="where the stack's files go (default: a temp dir)")
     args = parser.parse_args(argv)
     if args.minutes <= 0:
         parser.error("--minutes must be above 0")
+    if not 0 < args.spacing[0] <= args.spacing[1]:
+        parser.error("--spacing takes MIN MAX with 0 < MIN <= MAX")
     seed = args.seed if args.seed is not None else random.randrange(1_000_000)
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="roomcast-soak-"))
     data_dir.mkdir(parents=True, exist_ok=True)
     import uvloop
 
-    return uvloop.run(soak(args.minutes, seed, data_dir))
+    return uvloop.run(soak(args.minutes, seed, data_dir, tuple(args.spacing)))
 
 
 if __name__ == "__main__":

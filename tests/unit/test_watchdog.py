@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from roomcast.kafka import ConsumerStalled, WatchedMember
+from roomcast.membership import ConsumerStalled, WatchedMember
 from roomcast.watchdog import ConsumerWatchdog, Verdict, stall_bound_s
 
 
