@@ -36,9 +36,9 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -59,6 +59,8 @@ from roomcast.wire.events import CHAT_GROUP, CREATED_TOPIC, INGEST_TOPIC, Ingest
 __all__ = ["IngestPipeline", "KafkaTuning", "PipelineStatistics", "wall_clock_ms"]
 
 log = logging.getLogger("roomcast.chat.kafka")
+
+Client = TypeVar("Client", AIOKafkaConsumer, AIOKafkaProducer)
 
 # Failures worth retrying: the database or Kafka is away for a while.
 _TRANSIENT = (StoreError, KafkaError, OSError, TimeoutError)
@@ -234,51 +236,36 @@ class IngestPipeline:
         Retries with backoff while Kafka is unreachable, logging each failure.
         Returns False if `stop` was set before it started.
         """
-        t = self.tuning
-        delay = t.retry_initial_s
-        attempt = 0
-        while not stop.is_set():
-            attempt += 1
-            producer = AIOKafkaProducer(
+        started = time.monotonic()
+        producer = await self._started(
+            lambda: AIOKafkaProducer(
                 bootstrap_servers=self.config.kafka_bootstrap,
                 client_id="roomcast-chat",
                 acks="all",
                 enable_idempotence=False,  # the embedded broker cannot; dedupe is client_msg_id
                 linger_ms=self.config.produce_linger_ms,
-                request_timeout_ms=t.request_timeout_ms,
-            )
-            started = time.monotonic()
-            try:
-                await _until_stopped(producer.start(), stop)
-            except (KafkaError, OSError, TimeoutError, _Stopped) as exc:
-                await _stop_quietly(None, producer)
-                if isinstance(exc, _Stopped):
-                    return False
-                self._unreachable(attempt, exc, delay)
-                await _sleep_unless(stop, delay)
-                delay = min(delay * 2, t.connect_retry_max_s)
-                continue
-            except BaseException:
-                await _stop_quietly(None, producer)
-                raise
-            self._producer = producer
-            log.info("producing %s to %s (connected in %.1f s)", CREATED_TOPIC, self.config.kafka_bootstrap, time.monotonic() - started)
-            return True
-        return False
+                request_timeout_ms=self.tuning.request_timeout_ms,
+            ),
+            lambda producer: producer.start(),
+            stop,
+        )
+        if producer is None:
+            return False
+        self._producer = producer
+        log.info("producing %s to %s (connected in %.1f s)", CREATED_TOPIC, self.config.kafka_bootstrap, time.monotonic() - started)
+        return True
 
     async def _open_consumer(self, stop: asyncio.Event) -> AIOKafkaConsumer | None:
-        """A started consumer in group chat-service, retrying while Kafka is away; None once `stop` is set.
-
-        Cancelled (the watchdog gave up on a join that hangs), it closes the consumer it started.
-        """
+        """A started consumer in group chat-service, retrying while Kafka is away; None once `stop` is set."""
         t = self.tuning
         session_ms = self.config.kafka_session_timeout_ms
-        # A killed predecessor of this instance would hold its partitions until its session expires.
-        await self._member_file.fence_previous()
-        delay = t.retry_initial_s
+        # A killed predecessor of this instance would hold its partitions until
+        # its session expires; a static member's are given back to it anyway.
+        if not self.config.kafka_static_membership:
+            await self._member_file.fence_previous()
         started = time.monotonic()
-        while not stop.is_set():
-            self._attempts += 1
+
+        def make() -> AIOKafkaConsumer:
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.config.kafka_bootstrap,
                 client_id="roomcast-chat",
@@ -294,32 +281,50 @@ class IngestPipeline:
                 request_timeout_ms=t.request_timeout_ms + session_ms,
             )
             consumer.subscribe([INGEST_TOPIC], listener=_Listener(self, consumer))
-            try:
-                await _until_stopped(self._member_file.start(consumer), stop)
-            except (KafkaError, OSError, TimeoutError, _Stopped) as exc:
-                await _stop_quietly(consumer, None)
-                if isinstance(exc, _Stopped):
-                    return None
-                self._unreachable(self._attempts, exc, delay)
-                await _sleep_unless(stop, delay)
-                delay = min(delay * 2, t.connect_retry_max_s)
-                continue
-            except BaseException:
-                await _stop_quietly(consumer, None)
-                raise
+            return consumer
+
+        consumer = await self._started(make, self._member_file.start, stop)
+        if consumer is not None:
             self._consumer = consumer
             log.info(
                 "consuming %s as group %s from %s (joined in %.1f s)",
                 INGEST_TOPIC, CHAT_GROUP, self.config.kafka_bootstrap, time.monotonic() - started,
             )
-            return consumer
-        return None
+        return consumer
 
-    def _unreachable(self, attempt: int, exc: BaseException, delay: float) -> None:
-        log.warning(
-            "kafka at %s is not reachable (attempt %d: %s); retrying in %.1f s",
-            self.config.kafka_bootstrap, attempt, exc or type(exc).__name__, delay,
-        )
+    async def _started(
+        self, make: Callable[[], Client], start: Callable[[Client], Awaitable[None]], stop: asyncio.Event
+    ) -> Client | None:
+        """make() a Kafka client and start() it, retrying with backoff while Kafka is away.
+
+        None once `stop` is set. Cancelled (the watchdog gave up on a join that
+        hangs), it closes the client it was starting. Each failed attempt counts
+        as progress for the watchdog: a member that cannot reach Kafka waits.
+        """
+        t = self.tuning
+        delay = t.retry_initial_s
+        attempt = 0
+        while not stop.is_set():
+            attempt += 1
+            self._attempts += 1
+            client = make()
+            try:
+                await _until_stopped(start(client), stop)
+                return client
+            except (KafkaError, OSError, TimeoutError, _Stopped) as exc:
+                await _stop_quietly(client)
+                if isinstance(exc, _Stopped):
+                    return None
+                log.warning(
+                    "kafka at %s is not reachable (attempt %d: %s); retrying in %.1f s",
+                    self.config.kafka_bootstrap, attempt, exc or type(exc).__name__, delay,
+                )
+                await _sleep_unless(stop, delay)
+                delay = min(delay * 2, t.connect_retry_max_s)
+            except BaseException:
+                await _stop_quietly(client)
+                raise
+        return None
 
     async def aclose(self) -> None:
         """Leave the group, flush and close the producer. Idempotent.
@@ -334,7 +339,7 @@ class IngestPipeline:
         self._consumer = self._producer = None
         if consumer is not None:
             await self._close_consumer(consumer)
-        await _stop_quietly(None, producer)
+        await _stop_quietly(producer)
 
     async def _close_consumer(self, consumer: AIOKafkaConsumer) -> None:
         self._in_group = False
@@ -569,8 +574,8 @@ async def _sleep_unless(stop: asyncio.Event, delay_s: float) -> None:
         pass
 
 
-async def _stop_quietly(consumer: AIOKafkaConsumer | None, producer: AIOKafkaProducer | None) -> None:
-    for client in (consumer, producer):
+async def _stop_quietly(*clients: AIOKafkaConsumer | AIOKafkaProducer | None) -> None:
+    for client in clients:
         if client is None:
             continue
         try:

@@ -236,8 +236,10 @@ class CreatedRelay:
 
     async def _open(self) -> AIOKafkaConsumer | None:
         # A previous incarnation of this worker killed -9 would otherwise hold
-        # its partitions until its session expires.
-        await self.member_file.fence_previous()
+        # its partitions until its session expires. A static member needs no
+        # fence: the broker gives its partitions back to its successor.
+        if self.static_member_id is None:
+            await self.member_file.fence_previous()
         delay = 0.1
         while not self._stop.is_set():
             consumer = AIOKafkaConsumer(

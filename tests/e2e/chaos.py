@@ -74,9 +74,10 @@ class HealTargets:
     """How long after a fault ends deliveries must have resumed, per kind (seconds).
 
     pubsub_cut, the freezes and worker_kill are the project's bars (README,
-    "Delivery guarantees"); the others are ours: a Redis restart heals like a
-    cut once Redis answers again; a cut client reconnects after its backoff
-    and rejoins with `since`. A chat crash may leave the embedded broker's
+    "Delivery guarantees"); the others are ours: a Redis restart heals once
+    the subscriber's next reconnect finds Redis back (its backoff doubles to
+    2 s while Redis is away); a cut client reconnects after its backoff and
+    rejoins with `since`. A chat crash may leave the embedded broker's
     group stuck with a leader that is gone (README, "Limits"): only the
     watchdog's rejoin mends that, so it gets the watchdog's bound and a join.
     """
@@ -87,7 +88,7 @@ class HealTargets:
     def after_end(self, kind: str) -> float:
         return {
             "pubsub_cut": 1.0,
-            "redis_restart": 1.0,
+            "redis_restart": 2.0,
             "worker_kill": self.relay_session_s + 5.0,
             "chat_kill": self.chat_watchdog_s + 5.0,
             "chat_stop": 2.0,

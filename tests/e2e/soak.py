@@ -50,7 +50,8 @@ def process_rss(stack: Stack) -> dict[str, float | None]:
 
 
 async def soak(minutes: float, seed: int, data_dir: Path, spacing_s: tuple[float, float]) -> int:
-    stack = await asyncio.to_thread(start_stack, data_dir, 2, 4)
+    # Every message kept (retention_count 0): the end checks every room from seq 1.
+    stack = await asyncio.to_thread(start_stack, data_dir, 2, 4, ("--retention-count", "0"))
     rng = random.Random(seed)
     urls = [stack.ws_url(0), stack.ws_url(1)]
     clients = [ChaosClient(f"s{i}", urls[i % 2 :] + urls[: i % 2], rng.sample(ROOMS, 2), 0.1) for i in range(12)]
