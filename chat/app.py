@@ -30,8 +30,8 @@ from chat.adapters.http import Authorizer, build_http_server
 from chat.adapters.kafka import IngestPipeline, KafkaTuning, PipelineStatistics, wall_clock_ms
 from chat.storage import MessageStore, Retention, StoreError, open_store
 from roomcast.config import ChatConfig
-from roomcast.membership import ConsumerStalled
 from roomcast.logs import setup_logging
+from roomcast.membership import ConsumerStalled
 from roomcast.metrics import MetricsRegistry
 from roomcast.stopping import StopAction, StopSignals
 

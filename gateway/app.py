@@ -195,7 +195,8 @@ class GatewayApp:
         # non-zero, so the supervisor or Kubernetes starts a fresh worker.
         log.error("the relay is stuck after its rejoins (%s): draining and exiting", exc)
         self.exit_code = 3
-        self.spawn(self.drain())
+        # Not spawn(): the drain waits for the spawned tasks, and would wait for itself.
+        asyncio.get_running_loop().create_task(self.drain(), name="drain")
 
     async def drain(self) -> None:
         """Graceful shutdown, bounded by drain_timeout_s; later calls wait for the first.
