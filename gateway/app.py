@@ -412,6 +412,10 @@ class GatewayApp:
             except Exception as exc:  # HistoryUnavailable, or a bad answer: the join goes on
                 log.warning("history unavailable for a join: %s", exc)
                 recovered = since is None or since >= room.last_seq
+                if since is not None:
+                    # The client holds everything up to `since`: never send it those again
+                    # (a later fill of this room from an unknown position would).
+                    latest = max(latest, since)
         elif since is not None and since < room.last_seq:
             recovered = False  # nothing to replay from
         if conn.closed or self.registry.rooms.get(room.id) is not room:

@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from gateway.adapters.kafka import CreatedRelay
 from gateway.app import GatewayApp
 from roomcast.config import GatewayConfig
+from roomcast.embedded import free_port
 from roomcast.kafka import ensure_topics
 from roomcast.wire.events import CREATED_TOPIC, INGEST_TOPIC, decode_ingest
 from tests.support import Client, event, scaled
@@ -386,3 +387,24 @@ async def test_relay_rewinds_after_a_failed_publish_and_skips_nothing(kafka_boot
     finally:
         await relay.aclose()
         await producer.stop()
+
+
+async def test_a_join_with_since_while_history_is_down_never_resends_what_the_client_holds(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    # Found by the soak: a client rejoining with since=N while the chat service
+    # was down got the whole room again from seq 1 once live events arrived.
+    app = await start_gateway(base_config(redis_url, history_url=f"http://127.0.0.1:{free_port()}/"))
+    try:
+        client = await Client.connect(ws_url(app), "u")
+        joined = await client.join("room-h", since=5)  # it holds 1..5; history cannot say more
+        assert joined["seq"] == 5
+        for seq in range(1, 9):
+            await redis_client.publish("room:room-h", event("room-h", seq))
+        got = await client.collect("room-h", 3)
+        assert [m["seq"] for m in got] == [6, 7, 8]
+        with pytest.raises(asyncio.TimeoutError):
+            await client.recv(timeout=0.5)
+        await client.close()
+    finally:
+        await app.drain()
