@@ -357,10 +357,16 @@ class ChaosRun:
             await client.aclose()
 
     async def _redis_restart(self, fault: Fault) -> None:
-        port = self.stack.redis.port
-        await asyncio.to_thread(self.stack.redis.stop)
-        await asyncio.sleep(fault.duration_s)
-        self.stack.redis = await asyncio.to_thread(start_redis, "127.0.0.1", port, self.stack.data_dir / "redis.log")
+        if "redis" in self._restarting:
+            return  # already down for an earlier restart
+        self._restarting.add("redis")
+        try:
+            port = self.stack.redis.port
+            await asyncio.to_thread(self.stack.redis.stop)
+            await asyncio.sleep(fault.duration_s)
+            self.stack.redis = await asyncio.to_thread(start_redis, "127.0.0.1", port, self.stack.data_dir / "redis.log")
+        finally:
+            self._restarting.discard("redis")
 
     async def _worker_kill(self, fault: Fault) -> None:
         victim = self.stack.gateways[fault.target]
