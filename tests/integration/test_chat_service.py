@@ -646,6 +646,14 @@ async def test_a_second_instance_joining_and_the_first_leaving_lose_and_double_n
         await asyncio.sleep(0.1)
     enough.set()
     total = await asyncio.wait_for(posting, FLOW_TIMEOUT_S)
+    # Until every post is stored: counting message.created events alone would
+    # stop early, since re-emitted duplicates count too.
+    deadline = time.monotonic() + FLOW_TIMEOUT_S
+    while time.monotonic() < deadline:
+        stored = await stored_messages(config.database_url, rooms)
+        if sum(map(len, stored.values())) >= total:
+            break
+        await asyncio.sleep(0.2)
     events = await created.wait_for(total, FLOW_TIMEOUT_S)
     await created.quiet(0.3)
     stored = await stored_messages(config.database_url, rooms)
