@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -40,6 +40,20 @@ def rooms_on_every_node(nodes: list[ManagedProcess], per_node: int = 2) -> list[
     return rooms
 
 
+async def slot_owners(nodes: list[ManagedProcess]) -> Callable[[int], str]:
+    """slot -> the address of the node that owns it, as the cluster itself says (CLUSTER SLOTS)."""
+    r = aioredis.Redis.from_url(f"redis://{nodes[0].address}")
+    try:
+        ranges = [(int(start), int(end), f"{host.decode()}:{port}") for start, end, (host, port, *_), *_ in await r.execute_command("CLUSTER SLOTS")]
+    finally:
+        await r.aclose()
+
+    def owner(slot: int) -> str:
+        return next(address for start, end, address in ranges if start <= slot <= end)
+
+    return owner
+
+
 async def test_relay_spublishes_and_every_socket_gets_its_rooms_on_a_3_node_cluster(
     cluster: list[ManagedProcess], kafka_bootstrap: str
 ) -> None:
@@ -54,11 +68,14 @@ async def test_relay_spublishes_and_every_socket_gets_its_rooms_on_a_3_node_clus
             for c in cs:
                 await c.join(room)
         # Each node holds exactly the shard channels whose slots it owns.
+        owner = await slot_owners(cluster)
         for node in cluster:
             r = aioredis.Redis.from_url(f"redis://{node.address}")
-            channels = set(await r.execute_command("PUBSUB SHARDCHANNELS"))
-            assert channels, f"node {node.address} has no shard channel"
+            channels = {c.decode() for c in await r.execute_command("PUBSUB SHARDCHANNELS")}
             await r.aclose()
+            expected = {f"room:{room}" for room in rooms if owner(key_slot(f"room:{room}".encode())) == node.address}
+            assert expected, f"no room hashes to {node.address}: the test would prove nothing for it"
+            assert channels == expected, f"node {node.address}: shard channels {sorted(channels)}, slots it owns say {sorted(expected)}"
         for _ in range(200):
             if app.ready:
                 break
