@@ -75,10 +75,12 @@ class Connection(FramedListener):
         FramedListener.on_ws_frame(self, transport, frame)
 
     def on_text(self, transport: WSTransport, text: str) -> None:
-        self.app.perform(self, self.session.receive_text(_now_ms(), text))
+        if not self.closed:  # after our close, only the peer's close answer matters
+            self.app.perform(self, self.session.receive_text(_now_ms(), text))
 
     def on_binary(self, transport: WSTransport, data: bytes) -> None:
-        self.app.perform(self, self.session.refuse_binary())
+        if not self.closed:
+            self.app.perform(self, self.session.refuse_binary())
 
     def pause_writing(self) -> None:
         # The socket's transport buffer passed its high-water mark: from now on
@@ -160,6 +162,9 @@ class Connection(FramedListener):
             return
         if linger_s > 0 and not transport.is_close_frame_sent:
             transport.send_close(code, reason.encode())  # type: ignore[arg-type]
+            # Read the peer's close answer (a drain has paused reading), so the
+            # connection ends with the handshake, not when the linger runs out.
+            transport.underlying_transport.resume_reading()
             asyncio.get_running_loop().call_later(linger_s, transport.disconnect)
         else:
             self.close(transport, code, reason)

@@ -18,6 +18,9 @@ from pathlib import Path
 from roomcast.embedded import ManagedProcess, free_port, start_redis, start_tansu, wait_for_port
 from roomcast.kafka import ensure_topics
 
+# The gateways' drain window: short, so tests that stop a gateway stay quick.
+DRAIN_WINDOW_S = 0.5
+
 
 @dataclass
 class Stack:
@@ -77,7 +80,7 @@ def start_gateway(redis_url: str, kafka: str, history_url: str, logs: list[str],
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
             "--redis-url", redis_url, "--kafka-bootstrap", kafka, "--history-url", history_url,
             # A name of its own per port: the group member of a restarted worker is its predecessor's.
-            "--gateway-id", f"gw-{port}", "--drain-window-s", "0.5", "--admin-port", "0", *extra,
+            "--gateway-id", f"gw-{port}", "--drain-window-s", str(DRAIN_WINDOW_S), "--admin-port", "0", *extra,
         ],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
