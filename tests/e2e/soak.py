@@ -26,7 +26,16 @@ from pathlib import Path
 
 from chat.adapters.kafka import KafkaTuning
 from roomcast.watchdog import stall_bound_s
-from tests.e2e.chaos import ChaosClient, ChaosRun, HealTargets, draw_schedule, stored_messages
+from roomcast.wire.events import CREATED_TOPIC, decode_event
+from tests.e2e.chaos import (
+    ChaosClient,
+    ChaosRun,
+    HealTargets,
+    draw_schedule,
+    produced_against_stored,
+    read_topic,
+    stored_messages,
+)
 from tests.e2e.stack import Stack, start_stack
 
 ROOMS = ["soak-a", "soak-b", "soak-c", "soak-d"]
@@ -95,6 +104,7 @@ async def soak(minutes: float, seed: int, data_dir: Path, spacing_s: tuple[float
         await asyncio.gather(*tasks, reporter, return_exceptions=True)
         await run.stop_supervising()
         final_rss = process_rss(stack)
+        produced = [decode_event(value) for _, _, value in await read_topic(stack.kafka.address, CREATED_TOPIC)]
         await asyncio.to_thread(stack.stop)
         (data_dir / "stack.log").write_text("\n".join(stack.logs) + "\n")
 
@@ -104,6 +114,8 @@ async def soak(minutes: float, seed: int, data_dir: Path, spacing_s: tuple[float
     print("soak: heal times", json.dumps(run.heal_table()))
     print("soak: final RSS MB", json.dumps(final_rss))
     problems = {check: found for check, found in run.problems(stored).items() if found}
+    if disagree := produced_against_stored(produced, stored):
+        problems["message.created disagrees with the store"] = disagree
     if problems:
         print(f"soak FAILED (seed {seed}):")
         for check, found in problems.items():

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 
-from tests.e2e.chaos import FAULT_KINDS, ChaosClient, ChaosRun, Fault, HealRecord, HealTargets, draw_schedule
+from roomcast.wire.events import MessageEvent
+from tests.e2e.chaos import (
+    FAULT_KINDS,
+    ChaosClient,
+    ChaosRun,
+    Fault,
+    HealRecord,
+    HealTargets,
+    draw_schedule,
+    produced_against_stored,
+)
 
 
 def test_a_seed_draws_the_same_schedule_with_every_kind_and_no_double_freeze() -> None:
@@ -46,3 +56,20 @@ def test_an_overlapping_fault_stretches_the_bound_and_a_freeze_during_a_rejoin_r
     assert freeze.bound_s == 105.0 + 13.0 - 103.0
     assert kill.bound_s == 105.0 + 13.0 - 100.0
     assert run.unhealed() == ["chat_kill@0.0s/0.5s: healed 20.00 s, bound 18.00 s", "chat_stop@3.0s/2.0s: healed 17.00 s, bound 15.00 s"]
+
+
+def _event(seq: int, cid: str, room: str = "r") -> MessageEvent:
+    return MessageEvent(id=f"id-{seq}", room=room, seq=seq, user="u", body="b", client_msg_id=cid, ts=0)
+
+
+def test_message_created_must_agree_with_the_store_re_emits_aside() -> None:
+    stored = [("r", 1, "u", "a"), ("r", 2, "u", "b")]
+    assert produced_against_stored([_event(1, "a"), _event(2, "b"), _event(1, "a")], stored) == []
+    assert produced_against_stored([_event(1, "a"), _event(2, "b"), _event(3, "a")], stored) == [
+        "('r', 'u', 'a') produced with seqs [1, 3]"
+    ]
+    assert produced_against_stored([_event(1, "a"), _event(2, "b"), _event(2, "c")], stored) == [
+        "r seq 2 produced for [('u', 'b'), ('u', 'c')]",
+        "r seq 2: stored for u/b, produced for [('u', 'b'), ('u', 'c')]",
+    ]
+    assert produced_against_stored([_event(1, "a")], stored) == ["r seq 2 (u/b) stored but never produced"]
