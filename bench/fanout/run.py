@@ -983,7 +983,26 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(report["table"])
     print(f"\nJSON: {args.out}; logs: {report['log_dir']}")
+    problems = measurement_problems(report["measurements"])
+    if problems:
+        print(f"\nFAILED: {len(problems)} measurement(s) went wrong:\n  " + "\n  ".join(problems[:20]), file=sys.stderr)
+        return 1
     return 0
+
+
+def measurement_problems(measurements: list[dict[str, Any]]) -> list[str]:
+    """What makes a run's figures worthless: a measurement that errored, or a fan-out cell that
+    lost, doubled, reordered or left undelivered any message (a fast wrong server is no result)."""
+    problems = []
+    for m in measurements:
+        where = f"{m.get('kind')} {m.get('rooms')}x{m.get('members')} {m.get('mode', '')} {m.get('server', '')} run {m.get('run')}".replace("  ", " ")
+        if "error" in m:
+            problems.append(f"{where}: {m['error']}")
+            continue
+        bad = {k: m[k] for k in ("lost", "dup", "out_of_order", "undelivered") if m.get(k)}
+        if bad:
+            problems.append(f"{where}: " + ", ".join(f"{k} {v}" for k, v in bad.items()))
+    return problems
 
 
 if __name__ == "__main__":
