@@ -118,3 +118,21 @@ async def test_watched_member_stops_cleanly_and_lets_the_loop_finish() -> None:
     stop.set()
     await asyncio.wait_for(runner, 5)
     assert finished == ["batch", "closed"]
+
+
+def test_another_members_partition_with_records_waiting_and_no_commit_asks_for_a_rebalance() -> None:
+    dog = ConsumerWatchdog(stall_after_s=13, orphan_after_s=6)
+    # Partition 1 has records waiting and its commit stands still; partition 2 keeps committing.
+    assert dog.observe_group(0.0, {1: (100, 120), 2: (50, 60)}) is Verdict.OK
+    assert dog.observe_group(5.0, {1: (100, 125), 2: (55, 65)}) is Verdict.OK
+    assert dog.observe_group(6.5, {1: (100, 130), 2: (60, 70)}) is Verdict.REBALANCE
+    assert "no commit for 6.5 s" in dog.last_reason
+    # At most once a bound, and it never counts towards an exit.
+    assert dog.observe_group(7.0, {1: (100, 130)}) is Verdict.OK
+    assert dog.rejoins_in_a_row == 0
+
+
+def test_an_idle_or_moving_partition_of_another_member_is_not_orphaned() -> None:
+    dog = ConsumerWatchdog(stall_after_s=13, orphan_after_s=6)
+    for t in range(0, 30, 2):
+        assert dog.observe_group(float(t), {1: (100, 100), 2: (t, t + 5), 3: (None, 0)}) is Verdict.OK
