@@ -126,7 +126,7 @@ class RegistryStats:
     events_accepted: int = 0
     events_duplicate: int = 0
     events_malformed: int = 0
-    events_unsequenced: int = 0  # a third party's events without seq, passed through (PROTOCOL.md 10)
+    events_unsequenced: int = 0  # a third party's events without seq, passed through (PROTOCOL.md 6.7)
     gaps: int = 0  # gaps seen in the live stream
     gaps_filled: int = 0  # fills that closed every gap they were asked for
     gaps_unfilled: int = 0  # fills that left a gap (history could not supply it)

@@ -430,7 +430,7 @@ async def test_a_join_with_since_while_history_is_down_never_resends_what_the_cl
 async def test_a_third_partys_events_without_seq_pass_through_without_breaking_order_or_starting_fills(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
-    # PROTOCOL.md 10: a raw PUBLISH without seq is delivered unsequenced; the
+    # PROTOCOL.md 6.7: a raw PUBLISH without seq is delivered unsequenced; the
     # relay's events keep their order and no gap (so no history fetch) is seen.
     app = await start_gateway(base_config(redis_url, history_url=f"http://127.0.0.1:{free_port()}/"))
     try:
