@@ -30,7 +30,7 @@ from gateway.adapters.websocket import Connection
 from gateway.core.rooms import Delivery, Room, RoomRegistry, frame_events
 from gateway.core.session import CheckToken, Close, JoinRoom, LeaveRoom, Post, Reply, Session, SessionLimits
 from roomcast.auth import AuthError, Authenticator, mint
-from roomcast.config import GatewayConfig, gateway_id
+from roomcast.config import GatewayConfig, env_name, gateway_id, to_environ
 from roomcast.http import HttpServer, Router
 from roomcast.metrics import SIZE_BUCKETS, MetricsRegistry
 from roomcast.stopping import StopAction, StopSignals
@@ -696,11 +696,13 @@ def serve(config: GatewayConfig, worker_index: int | None = None) -> None:
     procs: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
 
+    # The config goes to the workers in their environment, never as flags:
+    # `ps` shows every process's command line to every local user.
+    env = dict(os.environ, **to_environ(config))
+    env[env_name(GatewayConfig, "workers")] = "1"
+
     def spawn(i: int) -> None:
-        env = dict(os.environ, ROOMCAST_WORKERS="1")
-        procs[i] = subprocess.Popen(
-            [sys.executable, "-m", "roomcast.cli", "gateway", "--worker-index", str(i), *_flags_of(config)], env=env
-        )
+        procs[i] = subprocess.Popen([sys.executable, "-m", "roomcast.cli", "gateway", "--worker-index", str(i)], env=env)
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -724,16 +726,3 @@ def serve(config: GatewayConfig, worker_index: int | None = None) -> None:
                 log.warning("gateway worker %d exited with %s; restarting it", i, p.returncode)
                 time.sleep(0.5)
                 spawn(i)
-
-
-def _flags_of(config: GatewayConfig) -> list[str]:
-    """The config as command-line flags, for worker processes."""
-    import dataclasses
-
-    flags = []
-    for f in dataclasses.fields(config):
-        if f.name == "workers":
-            continue
-        value = getattr(config, f.name)
-        flags += [f"--{f.name.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
-    return flags

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ import websockets
 
 from gateway.app import GatewayApp
 from roomcast.auth import mint
+from roomcast.embedded import free_port
 from tests.integration.test_gateway import base_config, start_gateway, ws_url
 from tests.support import Client, scaled
 
@@ -211,3 +213,48 @@ async def test_a_gateway_that_missed_the_revocation_closes_the_sockets_on_reconn
         await client.hdel(REVOKED_HASH, "carol")
         await client.aclose()
         await app.drain()
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+async def test_no_secret_appears_on_any_gateway_process_command_line(redis_url: str) -> None:
+    # The supervisor hands its config to the workers; `ps` shows every
+    # command line to every local user, so the secret must not be on one.
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "roomcast.cli", "gateway", "--workers", "2", "--port", str(port), "--host", "127.0.0.1",
+        "--redis-url", redis_url, "--auth-mode", "jwt", "--admin-port", "0",
+        env=dict(os.environ, ROOMCAST_JWT_SECRET=SECRET), stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        for _ in range(2):
+            line = await asyncio.wait_for(proc.stdout.readline(), scaled(20))
+            assert b"ready" in line, line
+        workers = children_of(proc.pid)
+        assert len(workers) == 2
+        for pid in (proc.pid, *workers):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            assert SECRET.encode() not in cmdline, cmdline
+        for pid in workers:  # the workers do have it: they verify tokens with it
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                assert b"ROOMCAST_JWT_SECRET=" + SECRET.encode() in f.read().split(b"\0")
+        c = await Client.connect(f"ws://127.0.0.1:{port}/ws?token={mint(SECRET, 'alice')}")
+        assert (await c.join("r1"))["room"] == "r1"
+        await c.close()
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), scaled(30))
