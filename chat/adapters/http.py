@@ -250,7 +250,7 @@ def build_http_server(
     if authorize is None:
         authorize = token_authorizer(Authenticator.from_config(config))
     api = HistoryApi(store, authorize=authorize, page=load_page(config.page_ws_url), metrics=metrics, ready=ready)
-    return HttpServer(
+    server = HttpServer(
         api.router(),
         config.http_host,
         config.http_port,
@@ -258,3 +258,9 @@ def build_http_server(
         render_error=json_error,
         name="chat http",
     )
+    if metrics is not None:
+        metrics.counter_fn(
+            "roomcast_chat_http_connections_total", "TCP connections the history API accepted (keep-alive reuses them)",
+            lambda: server.connections_accepted,
+        )
+    return server
