@@ -101,7 +101,14 @@ class GatewayApp:
         )
         self.exit_code = 0
         self.auth = Authenticator.from_config(config)
-        self.history = HistoryClient(config.history_url, token=_service_token(config)) if config.history_url else None
+        self.history = HistoryClient(
+            config.history_url,
+            pool_size=config.history_pool_size,
+            timeout_s=config.history_timeout_s,
+            connect_timeout_s=config.history_connect_timeout_s,
+            keepalive_s=config.history_keepalive_s,
+            headers=_service_token(config),
+        ) if config.history_url else None
         self.connections: set[Connection] = set()
         self.subscriptions: dict[str, asyncio.Future[None]] = {}
         self.server: asyncio.Server | None = None
@@ -250,6 +257,8 @@ class GatewayApp:
         log.info("drain step 7/7: closing redis")
         await self.subscriber.aclose()
         await self.publisher.aclose()
+        if self.history is not None:
+            await self.history.aclose()
         if self.admin is not None:
             await self.admin.aclose()
         log.info("drained")
@@ -572,12 +581,12 @@ def _plain(status: int, body: bytes) -> WSUpgradeResponseWithListener:
     return WSUpgradeResponseWithListener(response, None)
 
 
-def _service_token(config: GatewayConfig) -> Callable[[], str] | None:
+def _service_token(config: GatewayConfig) -> Callable[[], dict[str, str]] | None:
     """Mints the gateway's own short-lived token for each history request (jwt mode, HS256)."""
     if config.auth_mode != "jwt" or not config.jwt_secret:
         return None
     secret, sub = config.jwt_secret, f"gateway:{gateway_id(config)}"
-    return lambda: mint(secret, sub, ttl_s=60)
+    return lambda: {"Authorization": f"Bearer {mint(secret, sub, ttl_s=60)}"}
 
 
 def _every_room(room: str) -> bool:

@@ -56,6 +56,17 @@ class GatewayConfig:
     history_url: str = setting(
         "", "base URL of the chat service's history API, for join seq and replay; empty: none"
     )
+    # Pool and timeouts of the gateway's keep-alive client of the history API
+    # (gateway/adapters/history.py): a reconnect storm of joins with `since`
+    # shares these connections instead of opening one per join.
+    history_pool_size: int = setting(16, "most TCP connections a worker keeps open to the history API")
+    history_timeout_s: float = setting(
+        3.0, "a history request (waiting for a pooled connection included) gives up after this", unit="s"
+    )
+    history_connect_timeout_s: float = setting(1.0, "connecting to the history API gives up after this", unit="s")
+    history_keepalive_s: float = setting(
+        15.0, "an idle pooled connection is closed after this; keep it under the chat service's 30 s idle close", unit="s"
+    )
     auth_mode: str = setting("dev", "dev: ?user= names the user, no token; jwt: tokens required", choices=("dev", "jwt"))
     jwt_secret: str = setting("", "HS256 key for auth_mode=jwt")
     jwt_public_key: str = setting("", "PEM public key (or @path to one) to accept RS256 tokens too")
@@ -249,6 +260,11 @@ def _validate(config: Any) -> None:
                 "set ROOMCAST_JWT_SECRET to the HS256 key (or ROOMCAST_JWT_PUBLIC_KEY for RS256)",
             )
     if isinstance(config, GatewayConfig):
+        if config.history_pool_size < 1:
+            raise bad("history_pool_size", f"is {config.history_pool_size}", "use 1 or more")
+        for name in ("history_timeout_s", "history_connect_timeout_s", "history_keepalive_s"):
+            if getattr(config, name) <= 0:
+                raise bad(name, f"is {getattr(config, name)}", "use a number of seconds above 0")
         if config.max_body_bytes > config.max_frame_bytes:
             raise bad("max_body_bytes", "is larger than max_frame_bytes", "lower it or raise max_frame_bytes")
 
