@@ -28,7 +28,7 @@ from gateway.adapters.redis_sub import RedisSubscriber
 from gateway.adapters.websocket import Connection
 from gateway.core.rooms import Delivery, Room, RoomRegistry, frame_events
 from gateway.core.session import Close, JoinRoom, LeaveRoom, Post, Reply, Session, SessionLimits
-from roomcast.auth import AuthError, Authenticator, mint
+from roomcast.auth import AuthError, Authenticator, gateway_history_headers
 from roomcast.config import GatewayConfig, gateway_id
 from roomcast.http import HttpServer, Router
 from roomcast.metrics import SIZE_BUCKETS, MetricsRegistry
@@ -107,7 +107,7 @@ class GatewayApp:
             timeout_s=config.history_timeout_s,
             connect_timeout_s=config.history_connect_timeout_s,
             keepalive_s=config.history_keepalive_s,
-            headers=_service_token(config),
+            headers=_service_token(config, self.name),
         ) if config.history_url else None
         self.connections: set[Connection] = set()
         self.subscriptions: dict[str, asyncio.Future[None]] = {}
@@ -581,12 +581,15 @@ def _plain(status: int, body: bytes) -> WSUpgradeResponseWithListener:
     return WSUpgradeResponseWithListener(response, None)
 
 
-def _service_token(config: GatewayConfig) -> Callable[[], dict[str, str]] | None:
-    """Mints the gateway's own short-lived token for each history request (jwt mode, HS256)."""
-    if config.auth_mode != "jwt" or not config.jwt_secret:
-        return None
-    secret, sub = config.jwt_secret, f"gateway:{gateway_id(config)}"
-    return lambda: {"Authorization": f"Bearer {mint(secret, sub, ttl_s=60)}"}
+def _service_token(config: GatewayConfig, worker_name: str) -> Callable[[], dict[str, str]] | None:
+    """The headers of the gateway's own short-lived credential, per history request (jwt mode).
+
+    A service token signed with service_key, which works whatever the user
+    tokens' algorithm (RS256 leaves the gateway nothing to sign with); else
+    one signed with jwt_secret (roomcast.auth.gateway_history_headers).
+    Raises ConfigError, naming service_key, when there is neither.
+    """
+    return gateway_history_headers(config, worker_name)
 
 
 def _every_room(room: str) -> bool:
