@@ -235,3 +235,25 @@ async def test_rs256_only_gateway_with_history_and_no_service_key_refuses_to_sta
     )
     with pytest.raises(ConfigError, match="service_key"):
         GatewayApp(config)
+
+
+async def test_joins_with_since_go_on_after_the_chat_service_restarts_under_the_pool(
+    bootstrap: str, redis_url: str, tmp_path: Path, producer: AIOKafkaProducer,
+    services: list[RunningChat], gateways: list[GatewayApp],
+) -> None:
+    chat = await start_chat(bootstrap, tmp_path, services)
+    await post_and_wait(producer, chat, "r1", 2)
+    gateways.append(app := await start_gateway(base_config(
+        redis_url, history_url=f"http://127.0.0.1:{chat.port}/", history_pool_size=2
+    )))
+    first = await Client.connect(ws_url(app), user="a")
+    assert (await first.join("r1", since=0))["seq"] == 2  # leaves a pooled connection behind
+    await chat.stop()  # closes its idle connections: the pooled one is dead now
+    chat = await start_chat(bootstrap, tmp_path, services, http_port=chat.port)
+    for user in ("b", "c", "d"):
+        client = await Client.connect(ws_url(app), user=user)
+        joined = await client.join("r1", since=0)
+        assert (joined["seq"], joined.get("recovered", True)) == (2, True)
+        assert [m["seq"] for m in await client.collect("r1", 2)] == [1, 2]
+        await client.close()
+    await first.close()
