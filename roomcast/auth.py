@@ -94,6 +94,10 @@ class Identity:
 
     user: str
     rooms: tuple[str, ...] | None = None
+    exp: float | None = field(default=None, compare=False)
+    """The token's `exp` (seconds since the epoch); None in dev mode."""
+    issued_at: float | None = field(default=None, compare=False)
+    """The token's `iat`, if it has one: a revocation refuses tokens issued at or before it."""
     _exact: frozenset[str] = field(init=False, repr=False, compare=False)
     _match: Callable[[str], Any] | None = field(init=False, repr=False, compare=False)
     _cache: dict[str, bool] = field(init=False, repr=False, compare=False)
@@ -319,6 +323,12 @@ class Authenticator:
             return Identity(self._dev_user(query), None)
         return self._verify(self._token(headers, query))
 
+    def verify(self, token: str) -> Identity:
+        """The identity of a bare token (a `refresh` frame). Raises AuthError as `authenticate` does."""
+        if self.auth_mode == "dev":
+            raise AuthError("this server does not use tokens (auth_mode dev)")
+        return self._verify(token)
+
     def _dev_user(self, query: Mapping[str, list[str]]) -> str:
         values = query.get("user")
         user = values[0][:MAX_USER_CHARS] if values else ""
@@ -397,12 +407,15 @@ class Authenticator:
             raise AuthError("token has no sub claim: it must be a non-empty string (the user id)")
         if len(sub) > MAX_USER_CHARS:
             raise AuthError(f"token sub is longer than {MAX_USER_CHARS} characters")
+        iat = claims.get("iat")
+        if iat is not None and not _number(iat):
+            raise AuthError("token iat must be a number of seconds since the epoch")
         rooms = claims.get("rooms", _ABSENT)
         if rooms is _ABSENT:
-            return Identity(sub, None)
+            return Identity(sub, None, exp, iat)
         if not isinstance(rooms, list) or not all(isinstance(r, str) and r for r in rooms):
             raise AuthError("token rooms must be a list of room ids or patterns")
-        return Identity(sub, tuple(rooms))
+        return Identity(sub, tuple(rooms), exp, iat)
 
 
 def mint(

@@ -22,6 +22,7 @@ __all__ = [
     "ChatConfig",
     "DevConfig",
     "load",
+    "to_environ",
     "settings_table",
     "ENV_PREFIX",
 ]
@@ -228,6 +229,22 @@ def load(section: type[Section], flags: Mapping[str, Any] | None = None, environ
     config = section(**values)
     _validate(config)
     return config
+
+
+def to_environ(config: Any) -> dict[str, str]:
+    """The section as `ROOMCAST_*` variables that `load` reads back to an equal section.
+
+    How a supervisor hands its config to worker processes: the environment of
+    a process is readable by its user only (/proc/<pid>/environ is 0400),
+    while its command line is readable by every local user, so secrets such
+    as jwt_secret must never travel as flags.
+    """
+    section = type(config)
+    out = {}
+    for f in dataclasses.fields(section):
+        value = getattr(config, f.name)
+        out[env_name(section, f.name)] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return out
 
 
 def _closest(key: str, names: set[str]) -> str | None:

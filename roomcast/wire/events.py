@@ -98,3 +98,17 @@ def decode_ingest(data: bytes | str) -> IngestRecord:
 def decode_event_seq(data: bytes) -> int:
     """The `seq` of an event payload. Raises msgspec.DecodeError if it has none."""
     return _seq_decoder.decode(data).seq
+
+
+class _MaybeSeq(msgspec.Struct):
+    seq: int | None = None
+
+
+_maybe_seq_decoder = msgspec.json.Decoder(_MaybeSeq)
+
+
+def decode_optional_seq(data: bytes) -> int | None:
+    """The `seq` of an event payload, None for a JSON object without one (a
+    third party's unsequenced event, PROTOCOL.md 6.7). Raises msgspec.DecodeError
+    for anything that is not a JSON object, or a `seq` that is not an integer."""
+    return _maybe_seq_decoder.decode(data).seq
