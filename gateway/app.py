@@ -29,7 +29,7 @@ from gateway.adapters.redis_sub import RedisSubscriber
 from gateway.adapters.websocket import Connection
 from gateway.core.rooms import Delivery, Room, RoomRegistry, frame_events
 from gateway.core.session import CheckToken, Close, JoinRoom, LeaveRoom, Post, Reply, Session, SessionLimits
-from roomcast.auth import AuthError, Authenticator, mint
+from roomcast.auth import AuthError, Authenticator, gateway_history_headers
 from roomcast.config import GatewayConfig, env_name, gateway_id, to_environ
 from roomcast.http import HttpServer, Router
 from roomcast.metrics import SIZE_BUCKETS, MetricsRegistry
@@ -103,7 +103,14 @@ class GatewayApp:
         )
         self.exit_code = 0
         self.access = AccessGuard(Authenticator.from_config(config), self.perform, lambda: self.connections)
-        self.history = HistoryClient(config.history_url, token=_service_token(config)) if config.history_url else None
+        self.history = HistoryClient(
+            config.history_url,
+            pool_size=config.history_pool_size,
+            timeout_s=config.history_timeout_s,
+            connect_timeout_s=config.history_connect_timeout_s,
+            keepalive_s=config.history_keepalive_s,
+            headers=_service_token(config, self.name),
+        ) if config.history_url else None
         self.connections: set[Connection] = set()
         self.subscriptions: dict[str, asyncio.Future[None]] = {}
         self.server: asyncio.Server | None = None
@@ -261,6 +268,8 @@ class GatewayApp:
         log.info("drain step 7/7: closing redis")
         await self.subscriber.aclose()
         await self.publisher.aclose()
+        if self.history is not None:
+            await self.history.aclose()
         if self.admin is not None:
             await self.admin.aclose()
         log.info("drained")
@@ -607,12 +616,15 @@ def _plain(status: int, body: bytes) -> WSUpgradeResponseWithListener:
     return WSUpgradeResponseWithListener(response, None)
 
 
-def _service_token(config: GatewayConfig) -> Callable[[], str] | None:
-    """Mints the gateway's own short-lived token for each history request (jwt mode, HS256)."""
-    if config.auth_mode != "jwt" or not config.jwt_secret:
-        return None
-    secret, sub = config.jwt_secret, f"gateway:{gateway_id(config)}"
-    return lambda: mint(secret, sub, ttl_s=60)
+def _service_token(config: GatewayConfig, worker_name: str) -> Callable[[], dict[str, str]] | None:
+    """The headers of the gateway's own short-lived credential, per history request (jwt mode).
+
+    A service token signed with service_key, which works whatever the user
+    tokens' algorithm (RS256 leaves the gateway nothing to sign with); else
+    one signed with jwt_secret (roomcast.auth.gateway_history_headers).
+    Raises ConfigError, naming service_key, when there is neither.
+    """
+    return gateway_history_headers(config, worker_name)
 
 
 def _every_room(room: str) -> bool:
