@@ -70,11 +70,18 @@ class _SubscriberProtocol(asyncio.BufferedProtocol):
             log.error("redis refused a subscriber command: %s", error)
             if error.startswith("MOVED"):
                 owner._moved()
+        if read.malformed:
+            log.warning("skipped %d redis replies of an unexpected shape", read.malformed)
         if read.messages:
             try:
                 owner.on_messages(read.messages)
             except Exception:
                 log.exception("fan-out of a redis read failed")
+        if read.protocol_error is not None and self.transport is not None:
+            # hiredis cannot find the next reply after bytes it could not
+            # parse: reconnect, which re-subscribes and checks rooms for a gap.
+            log.error("redis sent bytes that are not RESP (%s); dropping the connection", read.protocol_error)
+            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner._lost(self, exc)
