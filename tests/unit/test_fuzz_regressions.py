@@ -18,6 +18,7 @@ from gateway.adapters.resp_push import PushRead, PushReader
 from gateway.core.session import JoinRoom, Reply, Session, SessionLimits
 from roomcast.wire.events import decode_event, decode_event_seq, decode_ingest
 from roomcast.wire.frames import FrameError, decode_client_frame
+from tests.fuzz.common import load_check
 
 
 def bulk(value: bytes) -> bytes:
@@ -165,3 +166,19 @@ def test_subscriber_delivers_the_read_then_drops_a_connection_that_stopped_speak
     assert owner.batches == [{b"room:a": [b"1"]}]
     assert transport.aborted
     assert "not RESP" in caplog.text
+
+
+# ---- every crash input as the fuzzer wrote it, through its harness ------------------
+
+FOUND = [
+    ("ingest_decoder", b"\x85"),
+    ("session", FOUND_SESSION_FRAME),
+    ("resp_reader", b"\x05\x08%3\r\n$7\r\nmess\x01\x00\x00\x00\n$6\r\nroom:a\r\n$1\r\n1\r\n*3\r\n$7\r\nmessage\r\n$6\r\nroom:b\r\n$1\r\n2\r\n"),
+    ("resp_reader", b")G*2\r\n*1\r\n*1\r\n$1\r\nx\x11\x1d-MOVED 399:1\r\n*0\r\n$1\r\nx\x11\x1d-MOVED3\x181\r\n"),
+    ("resp_reader", b"\x01\x00*-,\r\n:1\r\n*0\r\n$1\r\nx\r\n"),
+]
+
+
+@pytest.mark.parametrize(("target", "data"), FOUND, ids=[f"{t}-{i}" for i, (t, _) in enumerate(FOUND)])
+def test_found_input_passes_its_harness(target, data):
+    load_check(target)(data)
