@@ -15,7 +15,10 @@ Properties, on every input:
 - a delivered message is at most the limit and is exactly its fragments'
   bytes; a ``Fail`` has a 1002/1007/1009 code and a short ASCII reason;
 - once it returned ``Fail`` or ``PeerClose`` it returns None for good;
-- re-framing a delivered message in other fragments gives it back.
+- re-framing a delivered message in other fragments gives it back;
+- each frame, written out as a masked client frame, has the wire size
+  ``frame_extent`` (the read splitter's header walk) says, -1 exactly for
+  the headers picows refuses, and None while the header is incomplete.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from gateway.core.framing import (
     PeerClose,
     SendPong,
     TextMessage,
+    frame_extent,
     is_valid_close_code,
 )
 from tests.fuzz.common import FuzzBytes
@@ -53,6 +57,7 @@ def check(data: bytes) -> None:
         fin, rsv1, rsv2, rsv3 = bool(head & 0x80), bool(head & 0x40), bool(head & 0x20), bool(head & 0x10)
         opcode = head & 0x0F
         payload = src.take(src.u8())
+        _check_wire_extent(head, payload)
         was_closed = model.closed
         expected = model.feed(opcode, fin, rsv1 or rsv2 or rsv3, payload)
         outcome = assembler.feed(opcode, fin, rsv1, rsv2, rsv3, payload)
@@ -88,6 +93,20 @@ def _check_outcome(outcome: object, limit: int) -> None:
         assert len(outcome.reason.encode()) <= 123, outcome
     else:
         raise AssertionError(f"undocumented outcome {outcome!r}")
+
+
+def _check_wire_extent(head: int, payload: bytes) -> None:
+    size = len(payload)
+    length_field = bytes((0x80 | size,)) if size < 126 else bytes((0x80 | 126,)) + size.to_bytes(2, "big")
+    header = bytes((head,)) + length_field + b"\x01\x02\x03\x04"  # mask bit set, then the mask key
+    wire = b"junk" + header + payload
+    opcode = head & 0x0F
+    refused = opcode not in (OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG) or (
+        opcode >= OP_CLOSE and (not head & 0x80 or size > 125)
+    )
+    assert frame_extent(wire, 4, len(wire)) == (-1 if refused else len(header) + size), (head, size)
+    for end in range(4, 4 + len(header) - 4):  # the header without its mask key
+        assert frame_extent(wire, 4, end) == (-1 if refused and end - 4 >= 2 else None), (head, size, end)
 
 
 def _check_reframing(message: TextMessage | BinaryMessage, limit: int, cut: int) -> None:
