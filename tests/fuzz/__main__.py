@@ -39,6 +39,7 @@ class Result:
     target: str
     returncode: int
     execs: int = 0
+    wall_s: float = 0.0
     seconds: int = 0
     cov: int = 0
     ft: int = 0
@@ -67,9 +68,10 @@ def run_target(target: str, seed: int, runs: int | None, seconds: int | None, wo
     ]  # fmt: skip
     # Hash randomisation would change set/dict order, and with it coverage.
     env = {**os.environ, "PYTHONHASHSEED": "0"}
+    started = time.monotonic()
     with log.open("w") as sink:
         returncode = subprocess.run(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT).returncode
-    result = Result(target, returncode, log=log)
+    result = Result(target, returncode, wall_s=time.monotonic() - started, log=log)
     for line in log.read_text(errors="replace").splitlines():
         if match := _STATUS.match(line):
             result.execs, result.cov, result.ft = int(match[1]), int(match[2]), int(match[3])
@@ -82,9 +84,14 @@ def run_target(target: str, seed: int, runs: int | None, seconds: int | None, wo
 
 
 def _report(result: Result, seed: int) -> None:
-    rate = result.execs // result.seconds if result.seconds else result.exec_per_s
+    # libFuzzer's own rate is 0 for runs under a second: then count the
+    # process's whole time, start-up included.
+    rate = result.execs // result.seconds if result.seconds else round(result.execs / max(result.wall_s, 0.001))
     status = "CRASH" if result.crashed else "ok"
-    print(f"{result.target:16} {status:5} execs={result.execs} cov={result.cov} ft={result.ft} exec/s={rate}", flush=True)
+    print(
+        f"{result.target:16} {status:5} execs={result.execs} cov={result.cov} ft={result.ft} exec/s={rate} time={result.wall_s:.1f}s",
+        flush=True,
+    )
     if result.crashed:
         assert result.log is not None
         lines = result.log.read_text(errors="replace").splitlines()
