@@ -4,7 +4,7 @@
     python -m tests.fuzz --minutes 10 --target session  # long run, outside CI
 
 Each target starts from its corpus in ``tests/fuzz/corpus/<target>/`` (read
-only); inputs that reach new coverage, crash inputs and the log go to
+only), with the dictionary ``tests/fuzz/dicts/<target>.dict`` if there is one; inputs that reach new coverage, crash inputs and the log go to
 ``--work-dir/<target>/`` (default ``.fuzz/``, ignored by git; a short run
 empties its new-corpus directory first, so that it repeats). Prints per target the executions and the coverage reached
 (libFuzzer's final ``cov:``, edges, and ``ft:``, features); exits 1 if any
@@ -27,6 +27,9 @@ from pathlib import Path
 from tests.fuzz.common import CORPUS_DIR, TARGETS
 
 ROOT = Path(__file__).resolve().parents[2]
+# libFuzzer dictionaries: tokens worth inserting (JSON keys, RESP headers),
+# since msgspec and hiredis are C and give the fuzzer no coverage to climb.
+DICTS_DIR = Path(__file__).resolve().parent / "dicts"
 
 # libFuzzer status lines: "#20000	DONE   cov: 190 ft: 705 corp: 88/877b ... exec/s: 9000 ..."
 _STATUS = re.compile(r"^#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+)(?:.*?exec/s: (\d+))?")
@@ -66,6 +69,9 @@ def run_target(target: str, seed: int, runs: int | None, seconds: int | None, wo
         f"-seed={seed}", *budget, f"-max_len={max_len}", "-timeout=10",
         f"-artifact_prefix={out_dir}/", "-print_final_stats=1",
     ]  # fmt: skip
+    dictionary = DICTS_DIR / f"{target}.dict"
+    if dictionary.is_file():
+        command.append(f"-dict={dictionary}")
     # Hash randomisation would change set/dict order, and with it coverage.
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     started = time.monotonic()

@@ -80,11 +80,11 @@ def _check_outcome(outcome: object, limit: int) -> None:
     if outcome is None:
         return
     if isinstance(outcome, TextMessage):
-        assert type(outcome.text) is str and len(outcome.text.encode()) <= limit
+        assert type(outcome.text) is str and len(outcome.text.encode()) <= limit, f"over the {limit}-byte limit: {outcome!r}"
     elif isinstance(outcome, BinaryMessage):
-        assert type(outcome.data) is bytes and len(outcome.data) <= limit
+        assert type(outcome.data) is bytes and len(outcome.data) <= limit, f"over the {limit}-byte limit: {outcome!r}"
     elif isinstance(outcome, SendPong):
-        assert len(outcome.payload) <= 125
+        assert len(outcome.payload) <= 125, outcome
     elif isinstance(outcome, Fail):
         assert outcome.code in (1002, 1007, 1009), outcome
         assert outcome.reason.isascii() and 0 < len(outcome.reason) <= 123, outcome

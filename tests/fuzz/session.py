@@ -62,7 +62,7 @@ def check(data: bytes) -> None:
 
 
 def _check_actions(actions: list[object], raw: bytes) -> None:
-    assert len(actions) in (1, 2), actions
+    assert len(actions) in (1, 2), f"expected one action, or an error reply and a close; got {actions!r}"
     first = actions[0]
     if not _is_json(raw):
         assert isinstance(first, Reply), f"a frame that is not JSON got {actions!r}"
