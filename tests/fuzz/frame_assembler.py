@@ -104,9 +104,12 @@ def _check_wire_extent(head: int, payload: bytes) -> None:
     refused = opcode not in (OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG) or (
         opcode >= OP_CLOSE and (not head & 0x80 or size > 125)
     )
-    assert frame_extent(wire, 4, len(wire)) == (-1 if refused else len(header) + size), (head, size)
+    extent = frame_extent(wire, 4, len(wire))
+    assert extent == (-1 if refused else len(header) + size), f"header byte {head:#x}, {size}-byte payload: extent {extent}"
     for end in range(4, 4 + len(header) - 4):  # the header without its mask key
-        assert frame_extent(wire, 4, end) == (-1 if refused and end - 4 >= 2 else None), (head, size, end)
+        extent = frame_extent(wire, 4, end)
+        expected = -1 if refused and end - 4 >= 2 else None
+        assert extent == expected, f"header byte {head:#x}, {size}-byte payload, first {end - 4} bytes: extent {extent}"
 
 
 def _check_reframing(message: TextMessage | BinaryMessage, limit: int, cut: int) -> None:
