@@ -33,7 +33,9 @@ RUN apt-get update \
 ENV PATH=/opt/roomcast/bin:$PATH
 WORKDIR /src
 # Dependencies first, from pyproject.toml alone, so a source-only change reuses
-# this layer.
+# this layer. Only `dependencies`, no extra: the embedded broker and Redis
+# (`embedded`) and the test and bench tools never reach production (a test in
+# tests/integration/test_deploy_artifacts.py resolves this list and checks).
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
  && pip install --no-cache-dir -r /tmp/requirements.txt

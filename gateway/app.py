@@ -20,6 +20,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
 
+from gateway.access import AccessGuard
 from gateway.adapters.framed import EchoListener, make_server_kwargs
 from gateway.adapters.history import HistoryClient, HistoryUnavailable
 from gateway.adapters.kafka import CreatedRelay, IngestProducer
@@ -27,13 +28,14 @@ from gateway.adapters.redis_cluster import ClusterSubscriber
 from gateway.adapters.redis_sub import RedisSubscriber
 from gateway.adapters.websocket import Connection
 from gateway.core.rooms import Delivery, Room, RoomRegistry, frame_events
-from gateway.core.session import Close, JoinRoom, LeaveRoom, Post, Reply, Session, SessionLimits
-from roomcast.auth import AuthError, Authenticator, mint
-from roomcast.config import GatewayConfig, gateway_id
+from gateway.core.session import CheckToken, Close, JoinRoom, LeaveRoom, Post, Reply, Session, SessionLimits
+from roomcast.auth import AuthError, Authenticator, gateway_history_headers
+from roomcast.config import GatewayConfig, env_name, gateway_id, to_environ
 from roomcast.http import HttpServer, Router
 from roomcast.metrics import SIZE_BUCKETS, MetricsRegistry
 from roomcast.stopping import StopAction, StopSignals
 from roomcast.wire.codes import CloseCode, ErrorCode
+from roomcast.wire.control import CONTROL_CHANNEL, REVOKED_HASH
 from roomcast.wire.events import ROOM_CHANNEL_PREFIX, encode_ingest
 from roomcast.wire.frames import encode_ack, encode_error, encode_joined, encode_left
 
@@ -100,8 +102,15 @@ class GatewayApp:
             on_stalled=self._on_relay_stalled,
         )
         self.exit_code = 0
-        self.auth = Authenticator.from_config(config)
-        self.history = HistoryClient(config.history_url, token=_service_token(config)) if config.history_url else None
+        self.access = AccessGuard(Authenticator.from_config(config), self.perform, lambda: self.connections)
+        self.history = HistoryClient(
+            config.history_url,
+            pool_size=config.history_pool_size,
+            timeout_s=config.history_timeout_s,
+            connect_timeout_s=config.history_connect_timeout_s,
+            keepalive_s=config.history_keepalive_s,
+            headers=_service_token(config, self.name),
+        ) if config.history_url else None
         self.connections: set[Connection] = set()
         self.subscriptions: dict[str, asyncio.Future[None]] = {}
         self.server: asyncio.Server | None = None
@@ -119,7 +128,7 @@ class GatewayApp:
         stats = self.registry.stats
         m.gauge("roomcast_gateway_connections", "open client WebSockets", lambda: len(self.connections))
         m.gauge("roomcast_gateway_rooms", "rooms with a local socket (one Redis subscription each)", lambda: len(self.registry.rooms))
-        m.gauge("roomcast_gateway_ready", "1 when ready: Redis and Kafka connected, not draining", lambda: int(self.ready))
+        m.gauge("roomcast_gateway_ready", "1 when ready: Redis and Kafka connected, revocations read, not draining", lambda: int(self.ready))
         self.m_joins = m.counter("roomcast_gateway_joins_total", "joins accepted")
         self.m_deliveries = m.counter("roomcast_gateway_deliveries_total", "messages written to sockets (message x socket)")
         self.m_batch = m.histogram("roomcast_gateway_fanout_batch_events", "events framed into one buffer per room per Redis read", SIZE_BUCKETS)
@@ -128,7 +137,11 @@ class GatewayApp:
         self.m_dead = m.counter("roomcast_gateway_dead_peer_drops_total", "sockets dropped for not answering a ping")
         m.counter_fn("roomcast_gateway_redis_reconnects_total", "Redis subscriber reconnects", lambda: self.subscriber.reconnects)
         m.counter_fn("roomcast_gateway_events_duplicate_total", "events dropped as already delivered", lambda: stats.events_duplicate)
-        m.counter_fn("roomcast_gateway_events_malformed_total", "Redis payloads without a seq", lambda: stats.events_malformed)
+        m.counter_fn("roomcast_gateway_events_malformed_total", "Redis payloads that are not a JSON object with an integer seq or none", lambda: stats.events_malformed)
+        m.counter_fn(
+            "roomcast_gateway_events_unsequenced_total", "events without seq (third-party publishers) passed through",
+            lambda: stats.events_unsequenced,
+        )
         m.counter_fn("roomcast_gateway_gaps_total", "gaps seen in a room's live stream", lambda: stats.gaps)
         m.counter_fn("roomcast_gateway_gap_fills_total", "fills from history that closed their gap", lambda: stats.gaps_filled)
         m.counter_fn("roomcast_gateway_gaps_unfilled_total", "fills that left a gap", lambda: stats.gaps_unfilled)
@@ -141,6 +154,9 @@ class GatewayApp:
             lambda: self.relay.offsets.holes_waited,
         )
         m.gauge("roomcast_gateway_kafka_consumer_lag_messages", "message.created records not yet published", self.relay.lag)
+        m.counter_fn("roomcast_gateway_token_expiry_closes_total", "sockets closed with 4001 at their token's exp", lambda: self.access.expired)
+        m.counter_fn("roomcast_gateway_revocation_closes_total", "sockets closed with 4002 (user revoked)", lambda: self.access.revoked)
+        m.counter_fn("roomcast_gateway_token_refreshes_total", "refresh frames accepted", lambda: self.access.refreshed)
         m.counter_fn(
             "roomcast_gateway_relay_watchdog_actions_total",
             "times the relay was found stuck (out of its group, or no progress with records waiting) and rejoined or gave up",
@@ -152,6 +168,7 @@ class GatewayApp:
     async def start(self) -> None:
         """Start the adapters and the listener. Redis and Kafka may still be connecting."""
         await self.subscriber.start()
+        self.subscriber.subscribe(_CONTROL_CHANNEL)  # revocations (gateway/access.py)
         await self.producer.start()
         await self.relay.start()
         self.server = await ws_create_server(
@@ -188,7 +205,7 @@ class GatewayApp:
     @property
     def ready(self) -> bool:
         kafka_ok = not self.config.kafka_bootstrap or (self.producer.ready and self.relay.live)
-        return not self.draining and self.subscriber.connected and kafka_ok
+        return not self.draining and self.subscriber.connected and kafka_ok and self.access.loaded
 
     def _on_relay_stalled(self, exc: Exception) -> None:
         # Rejoining did not help: drain (clients reconnect elsewhere) and exit
@@ -226,6 +243,7 @@ class GatewayApp:
         log.info("drain step 1/7: readiness off")
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
+        self.access.close()
         log.info("drain step 2/7: listener closed")
         if self.server is not None:
             self.server.close()
@@ -250,6 +268,8 @@ class GatewayApp:
         log.info("drain step 7/7: closing redis")
         await self.subscriber.aclose()
         await self.publisher.aclose()
+        if self.history is not None:
+            await self.history.aclose()
         if self.admin is not None:
             await self.admin.aclose()
         log.info("drained")
@@ -310,17 +330,18 @@ class GatewayApp:
         # mode ?user= names the user. A bad token is refused here, before any
         # WebSocket exists.
         try:
-            identity = self.auth.authenticate(request.headers, query)
+            identity = self.access.admit(request.headers, query)
         except AuthError as exc:
             return _plain(401, f"{exc}\n".encode())
         may_use = identity.may_use if identity.rooms is not None else _every_room
-        session = Session(identity.user, self.name, self.limits, _new_msg_id, may_use)
+        session = Session(identity.user, self.name, self.limits, _new_msg_id, may_use, identity.exp, identity.issued_at)
         return Connection(self, session, self.config.max_frame_bytes)
 
     # ---- connections ---------------------------------------------------------------
 
     def connection_opened(self, conn: Connection) -> None:
         self.connections.add(conn)
+        self.access.watch(conn)
 
     def connection_closed(self, conn: Connection) -> None:
         """Forget a socket: leave every room now, so nothing more is written to it."""
@@ -361,7 +382,9 @@ class GatewayApp:
                 self._join(conn, action)  # type: ignore[arg-type]
             elif kind is LeaveRoom:
                 self._leave_room(action.room, conn)  # type: ignore[attr-defined]
-                conn.send_text(encode_left(action.room))  # type: ignore[attr-defined]
+                conn.send_text(encode_left(action.room, action.reason))  # type: ignore[attr-defined]
+            elif kind is CheckToken:
+                self.access.refresh(conn, action.token)  # type: ignore[attr-defined]
             elif kind is Close:
                 conn.end(action.code, action.reason)  # type: ignore[attr-defined]
 
@@ -481,13 +504,16 @@ class GatewayApp:
         for channel, payloads in batch.items():
             room = by_channel.get(channel)
             if room is None:
-                continue  # unsubscribed meanwhile
+                if channel == _CONTROL_CHANNEL:
+                    for payload in payloads:
+                        self.access.on_control(payload)
+                continue  # else: unsubscribed meanwhile
             delivery = deliver(room, payloads)
             if delivery is not None:
                 self._write(delivery)
         self.m_fanout.observe(time.perf_counter() - started)
-        if self.registry.fill_requests:
-            self._start_fills()
+        if self.registry.released or self.registry.fill_requests:
+            self._drain_registry()
 
     def _start_fills(self) -> None:
         for room in self.registry.fill_requests:
@@ -507,6 +533,8 @@ class GatewayApp:
         self.m_batch.observe(delivery.count)
 
     def on_redis_connected(self, reconnected: bool) -> None:
+        # Revocations published while we were away were missed too: read them all.
+        self.spawn(self._load_revocations())
         if not reconnected:
             return
         # Anything published while the connection was down was missed
@@ -555,6 +583,19 @@ class GatewayApp:
         if delivery is not None:
             self._write(delivery)
 
+    async def _load_revocations(self) -> None:
+        # Subscribed first, then read: a revocation published in between is
+        # in the hash or on the channel, never in neither.
+        deadline = time.monotonic() + SUBSCRIBE_WAIT_S
+        while not self.subscriber.is_confirmed(_CONTROL_CHANNEL) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        try:
+            stored = await self.publisher.hgetall(REVOKED_HASH)
+        except Exception as exc:  # Redis down again: the next reconnect reads it
+            log.warning("could not read the revocations: %r", exc)
+            return
+        self.access.load(stored)
+
     async def publish_events(self, records: list[tuple[bytes, bytes]]) -> None:
         """PUBLISH each (room key, event) on room:<id>, in order, in one round trip."""
         pipe = self.publisher.pipeline(transaction=False) if self._publish_command == "PUBLISH" else self.publisher.pipeline()
@@ -562,6 +603,9 @@ class GatewayApp:
         for key, value in records:
             pipe.execute_command(command, ROOM_CHANNEL_PREFIX.encode() + key, value)
         await pipe.execute()
+
+
+_CONTROL_CHANNEL = CONTROL_CHANNEL.encode()
 
 
 def _plain(status: int, body: bytes) -> WSUpgradeResponseWithListener:
@@ -572,12 +616,15 @@ def _plain(status: int, body: bytes) -> WSUpgradeResponseWithListener:
     return WSUpgradeResponseWithListener(response, None)
 
 
-def _service_token(config: GatewayConfig) -> Callable[[], str] | None:
-    """Mints the gateway's own short-lived token for each history request (jwt mode, HS256)."""
-    if config.auth_mode != "jwt" or not config.jwt_secret:
-        return None
-    secret, sub = config.jwt_secret, f"gateway:{gateway_id(config)}"
-    return lambda: mint(secret, sub, ttl_s=60)
+def _service_token(config: GatewayConfig, worker_name: str) -> Callable[[], dict[str, str]] | None:
+    """The headers of the gateway's own short-lived credential, per history request (jwt mode).
+
+    A service token signed with service_key, which works whatever the user
+    tokens' algorithm (RS256 leaves the gateway nothing to sign with); else
+    one signed with jwt_secret (roomcast.auth.gateway_history_headers).
+    Raises ConfigError, naming service_key, when there is neither.
+    """
+    return gateway_history_headers(config, worker_name)
 
 
 def _every_room(room: str) -> bool:
@@ -661,11 +708,13 @@ def serve(config: GatewayConfig, worker_index: int | None = None) -> None:
     procs: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
 
+    # The config goes to the workers in their environment, never as flags:
+    # `ps` shows every process's command line to every local user.
+    env = dict(os.environ, **to_environ(config))
+    env[env_name(GatewayConfig, "workers")] = "1"
+
     def spawn(i: int) -> None:
-        env = dict(os.environ, ROOMCAST_WORKERS="1")
-        procs[i] = subprocess.Popen(
-            [sys.executable, "-m", "roomcast.cli", "gateway", "--worker-index", str(i), *_flags_of(config)], env=env
-        )
+        procs[i] = subprocess.Popen([sys.executable, "-m", "roomcast.cli", "gateway", "--worker-index", str(i)], env=env)
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -689,16 +738,3 @@ def serve(config: GatewayConfig, worker_index: int | None = None) -> None:
                 log.warning("gateway worker %d exited with %s; restarting it", i, p.returncode)
                 time.sleep(0.5)
                 spawn(i)
-
-
-def _flags_of(config: GatewayConfig) -> list[str]:
-    """The config as command-line flags, for worker processes."""
-    import dataclasses
-
-    flags = []
-    for f in dataclasses.fields(config):
-        if f.name == "workers":
-            continue
-        value = getattr(config, f.name)
-        flags += [f"--{f.name.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
-    return flags

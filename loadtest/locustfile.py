@@ -25,7 +25,8 @@ Metrics, besides locust's own (all request_type "WS"):
 - `join->joined`, `leave->left`, `connect`: churn and connection set-up.
 - failures: `error:<code>` frames, a seq that is not last+1 on a socket
   (PROTOCOL.md 3: in order, exactly once), an unexpected close, a post not
-  acked in --ack-timeout seconds.
+  acked in --ack-timeout seconds, a post that did not come back to its
+  sender (a member of the room) in --ack-timeout seconds: lost.
 
 At the end (the `quitting` event) the budgets are checked and the exit code
 set to 1 on a breach: p99 of send->receive under --p99-budget-ms (25), p99 of
@@ -117,6 +118,9 @@ class Connection:
         self.reader: gevent.Greenlet | None = None
         self.closing = False
         self.pending_acks: dict[str, float] = {}
+        # Own posts not yet seen come back: the poster is a member of the room,
+        # so a post that never returns was lost (after an ack or not).
+        self.awaiting_echo: dict[str, float] = {}
         self.waiting: dict[tuple[str, str], tuple[float, gevent.event.AsyncResult]] = {}
         self.last_seq: dict[str, int] = {}
 
@@ -175,7 +179,7 @@ class Connection:
 
     def post(self, room: str) -> None:
         cmid = f"lt-{self.user.user_name}-{next(_msg_ids)}"
-        self.pending_acks[cmid] = time.perf_counter()
+        self.pending_acks[cmid] = self.awaiting_echo[cmid] = time.perf_counter()
         self.send({"type": "message.send", "room": room, "body": f"{_BODY_TAG}{time.time_ns()}", "client_msg_id": cmid})
 
     def check_acks(self, timeout_s: float) -> None:
@@ -183,7 +187,12 @@ class Connection:
         for cmid, t0 in list(self.pending_acks.items()):
             if now - t0 > timeout_s:
                 del self.pending_acks[cmid]
+                self.awaiting_echo.pop(cmid, None)  # counted once, as no ack
                 _fire(self.env, "message.send->ack", (now - t0) * 1000, exc=ProtocolError("no ack"))
+        for cmid, t0 in list(self.awaiting_echo.items()):
+            if now - t0 > timeout_s:
+                del self.awaiting_echo[cmid]
+                _fire(self.env, "send->receive", (now - t0) * 1000, exc=ProtocolError("acked post never delivered to its sender"))
 
     def _read(self) -> None:
         ws = self.ws
@@ -214,6 +223,7 @@ class Connection:
                 if seq != last + 1:
                     _fire(self.env, "seq order", 0, exc=ProtocolError(f"room {room}: seq {seq} after {last}"))
                 self.last_seq[room] = seq
+            self.awaiting_echo.pop(data.get("client_msg_id", ""), None)
             body = data.get("body", "")
             if body.startswith(_BODY_TAG):
                 sent_ns = int(body[len(_BODY_TAG):])
@@ -233,6 +243,7 @@ class Connection:
         elif kind == "error":
             ref = frame.get("ref") or ""
             self.pending_acks.pop(ref, None)
+            self.awaiting_echo.pop(ref, None)
             _fire(self.env, f"error:{frame.get('code')}", 0, exc=ProtocolError(f"{frame.get('message')} (ref {ref})"))
 
 

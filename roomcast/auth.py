@@ -94,6 +94,10 @@ class Identity:
 
     user: str
     rooms: tuple[str, ...] | None = None
+    exp: float | None = field(default=None, compare=False)
+    """The token's `exp` (seconds since the epoch); None in dev mode."""
+    issued_at: float | None = field(default=None, compare=False)
+    """The token's `iat`, if it has one: a revocation refuses tokens issued at or before it."""
     _exact: frozenset[str] = field(init=False, repr=False, compare=False)
     _match: Callable[[str], Any] | None = field(init=False, repr=False, compare=False)
     _cache: dict[str, bool] = field(init=False, repr=False, compare=False)
@@ -319,6 +323,12 @@ class Authenticator:
             return Identity(self._dev_user(query), None)
         return self._verify(self._token(headers, query))
 
+    def verify(self, token: str) -> Identity:
+        """The identity of a bare token (a `refresh` frame). Raises AuthError as `authenticate` does."""
+        if self.auth_mode == "dev":
+            raise AuthError("this server does not use tokens (auth_mode dev)")
+        return self._verify(token)
+
     def _dev_user(self, query: Mapping[str, list[str]]) -> str:
         values = query.get("user")
         user = values[0][:MAX_USER_CHARS] if values else ""
@@ -397,12 +407,15 @@ class Authenticator:
             raise AuthError("token has no sub claim: it must be a non-empty string (the user id)")
         if len(sub) > MAX_USER_CHARS:
             raise AuthError(f"token sub is longer than {MAX_USER_CHARS} characters")
+        iat = claims.get("iat")
+        if iat is not None and not _number(iat):
+            raise AuthError("token iat must be a number of seconds since the epoch")
         rooms = claims.get("rooms", _ABSENT)
         if rooms is _ABSENT:
-            return Identity(sub, None)
+            return Identity(sub, None, exp, iat)
         if not isinstance(rooms, list) or not all(isinstance(r, str) and r for r in rooms):
             raise AuthError("token rooms must be a list of room ids or patterns")
-        return Identity(sub, tuple(rooms))
+        return Identity(sub, tuple(rooms), exp, iat)
 
 
 def mint(
@@ -431,3 +444,90 @@ def mint(
     payload = orjson.dumps(claims)
     return _MINT_JWS.encode(payload, secret.encode(), algorithm="HS256")
 
+
+
+# ---- the gateway's service credential for the history API ---------------------------------
+#
+# Why a shared service key, not the user-token keys: with RS256 the gateway
+# holds only the public key and can sign nothing, so it needs a credential of
+# its own that works whatever the user tokens' algorithm is. The key never
+# travels: the gateway sends a short-lived HS256 token signed with it (sub
+# `gateway:<id>`, exp SERVICE_TOKEN_TTL_S), in its own header so the chat
+# service never tries it as a user token (nor a user token as a service one).
+# The signature check is PyJWT's HMAC verify, a constant-time comparison
+# (hmac.compare_digest).
+
+SERVICE_TOKEN_HEADER = "X-Roomcast-Service-Token"
+"""The header of the gateway's service token on history requests."""
+
+SERVICE_TOKEN_TTL_S = 60.0
+"""Lifetime of one service token: a captured one is worthless a minute later."""
+
+SERVICE_SUB_PREFIX = "gateway:"
+"""Every service token's `sub` starts with this."""
+
+
+def _service_key(config: Any) -> str:
+    """config.service_key, checked; "" when unset or in dev mode. Raises ConfigError for a short key."""
+    key: str = getattr(config, "service_key", "")
+    if config.auth_mode != "jwt" or not key:
+        return ""
+    if len(key.encode()) < MIN_HS256_SECRET_BYTES:
+        raise ConfigError(
+            f"{_setting('service_key')} is {len(key.encode())} bytes; it signs HS256 service tokens and needs at "
+            f"least {MIN_HS256_SECRET_BYTES} (RFC 7518 section 3.2): generate one with "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))' and give the same to gateways and chat"
+        )
+    return key
+
+
+def gateway_history_headers(
+    config: Any, gateway_name: str, now: Callable[[], float] = time.time
+) -> Callable[[], dict[str, str]] | None:
+    """The headers that authenticate one history request of the gateway, minted afresh per call.
+
+    `config` is a GatewayConfig. None in dev mode (history is open). In jwt
+    mode: a service token signed with service_key; without one, the older
+    `Authorization: Bearer` token signed with jwt_secret (HS256 deployments
+    keep working unchanged). Raises ConfigError, naming service_key, for a
+    short key, or when neither key is there (RS256-only settings).
+    """
+    if config.auth_mode != "jwt":
+        return None
+    sub = SERVICE_SUB_PREFIX + gateway_name
+    key = _service_key(config)
+    if key:
+        return lambda: {SERVICE_TOKEN_HEADER: mint(key, sub, ttl_s=SERVICE_TOKEN_TTL_S, now=now)}
+    secret = config.jwt_secret
+    if secret:
+        return lambda: {"Authorization": "Bearer " + mint(secret, sub, ttl_s=SERVICE_TOKEN_TTL_S, now=now)}
+    raise ConfigError(
+        f"{_setting('service_key')} is empty and there is no jwt_secret (RS256 only): the gateway cannot "
+        "authenticate to the history API; set ROOMCAST_SERVICE_KEY here and on the chat service to one shared "
+        "key of 32+ bytes"
+    )
+
+
+class ServiceVerifier:
+    """The chat service's check of a gateway's service token (SERVICE_TOKEN_HEADER).
+
+    Build with `from_config` at start-up; `verify` per request.
+    """
+
+    def __init__(self, service_key: str, now: Callable[[], float] = time.time) -> None:
+        # HS256 with the service key only: a user token (jwt_secret or RS256)
+        # sent in the service header fails its signature check.
+        self._tokens = Authenticator("jwt", jwt_secret=service_key, now=now)
+
+    @classmethod
+    def from_config(cls, config: Any, now: Callable[[], float] = time.time) -> ServiceVerifier | None:
+        """From a ChatConfig: None when service_key is unset or in dev mode. Raises ConfigError for a short key."""
+        key = _service_key(config)
+        return cls(key, now) if key else None
+
+    def verify(self, token: str) -> str:
+        """The gateway's name (`sub` without its prefix). Raises AuthError: the message is the 401 body."""
+        identity = self._tokens.authenticate({"Authorization": "Bearer " + token}, "")
+        if not identity.user.startswith(SERVICE_SUB_PREFIX) or identity.rooms is not None:
+            raise AuthError("service token sub must be gateway:<id>, with no rooms claim")
+        return identity.user.removeprefix(SERVICE_SUB_PREFIX)

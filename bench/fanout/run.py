@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.checks import over_budget
+
 __all__ = ["main", "run_benchmark", "build_binaries"]
 
 HERE = Path(__file__).resolve().parent
@@ -983,23 +985,41 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(report["table"])
     print(f"\nJSON: {args.out}; logs: {report['log_dir']}")
-    problems = measurement_problems(report["measurements"])
+    problems = measurement_problems(report["measurements"]) + gross_breaches(report["summary"])
     if problems:
         print(f"\nFAILED: {len(problems)} measurement(s) went wrong:\n  " + "\n  ".join(problems[:20]), file=sys.stderr)
         return 1
     return 0
 
 
+def gross_breaches(summary: dict[str, Any]) -> list[str]:
+    """Fixed-rate roomcast cells whose median p99 is GROSS_BREACH_FACTOR times over the latency
+    target: on any grid and machine that is a regression, not noise (the targets themselves are
+    reported, not enforced: they need the full grid on a quiet machine)."""
+    out = []
+    for r in summary["rows"]:
+        if r["server"] == "roomcast" and r["mode"] == "fixed" and r.get("p99_us") is not None:
+            missed = over_budget(f"{r['rooms']}x{r['members']} fixed p99", r["p99_us"], TARGET_P99_US, gross=True, unit="us")
+            if missed:
+                out.append(missed)
+    return out
+
+
 def measurement_problems(measurements: list[dict[str, Any]]) -> list[str]:
     """What makes a run's figures worthless: a measurement that errored, or a fan-out cell that
-    lost, doubled, reordered or left undelivered any message (a fast wrong server is no result)."""
+    lost, doubled, reordered or left undelivered any message, delivered nothing, published to
+    no subscriber, had sockets closed or error frames (a fast wrong server is no result)."""
     problems = []
     for m in measurements:
         where = f"{m.get('kind')} {m.get('rooms')}x{m.get('members')} {m.get('mode', '')} {m.get('server', '')} run {m.get('run')}".replace("  ", " ")
         if "error" in m:
             problems.append(f"{where}: {m['error']}")
             continue
-        bad = {k: m[k] for k in ("lost", "dup", "out_of_order", "undelivered") if m.get(k)}
+        bad = {k: m[k] for k in ("lost", "dup", "out_of_order", "undelivered", "zero_receivers", "closed_conns", "error_frames", "timed_out") if m.get(k)}
+        if m.get("kind") == "fanout" and m.get("deliveries") != m.get("expected"):
+            bad["delivered"] = f"{m.get('deliveries')} of {m.get('expected')}"
+        if m.get("kind") == "fanout" and not m.get("deliveries"):
+            bad["delivered"] = "nothing"
         if bad:
             problems.append(f"{where}: " + ", ".join(f"{k} {v}" for k, v in bad.items()))
     return problems

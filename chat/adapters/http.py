@@ -26,7 +26,7 @@ import msgspec
 import roomcast
 from chat.core.validation import is_room_id
 from chat.storage.base import HISTORY_MAX_LIMIT, MessageStore, StoreError
-from roomcast.auth import Authenticator, AuthError
+from roomcast.auth import SERVICE_TOKEN_HEADER, Authenticator, AuthError, ServiceVerifier
 from roomcast.config import ChatConfig
 from roomcast.http import HttpServer, Request, Response, Router
 from roomcast.metrics import MetricsRegistry
@@ -53,6 +53,7 @@ WS_URL_PLACEHOLDER = "__ROOMCAST_WS_URL__"
 DEFAULT_LIMIT = 100  # PROTOCOL.md 5
 _MAX_SEQ_DIGITS = 18  # keeps `after` inside a signed 64-bit column
 _DIGITS = re.compile(r"[0-9]+")
+_SERVICE_HEADER = SERVICE_TOKEN_HEADER.lower()  # Request.headers names are lower case
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
@@ -73,17 +74,29 @@ def allow_all(request: Request, room: str) -> Refusal | None:
     return None
 
 
-def token_authorizer(authenticator: Authenticator) -> Authorizer:
+def token_authorizer(authenticator: Authenticator, service: ServiceVerifier | None = None) -> Authorizer:
     """The authorizer for `authenticator`'s mode: allow_all in dev mode, else a JWT check.
 
     The token comes as for the WebSocket: `Authorization: Bearer <JWT>` or
     `?token=<JWT>`. A missing, bad or expired token gets 401; a room outside
-    the token's `rooms` claim gets 403.
+    the token's `rooms` claim gets 403. A gateway's service token
+    (`X-Roomcast-Service-Token`, roomcast.auth) is checked instead when that
+    header is sent: every room when `service` accepts it, else 401 (no
+    fallback to the user token).
     """
     if authenticator.auth_mode == "dev":
         return allow_all
 
     def check(request: Request, room: str) -> Refusal | None:
+        service_token = request.headers.get(_SERVICE_HEADER)
+        if service_token is not None:
+            if service is None:
+                return Refusal(401, "service tokens are not accepted: set service_key on the chat service")
+            try:
+                service.verify(service_token)
+            except AuthError as exc:
+                return Refusal(401, str(exc))
+            return None
         try:
             identity = authenticator.authenticate(request.headers, request.target.partition("?")[2])
         except AuthError as exc:
@@ -248,9 +261,9 @@ def build_http_server(
     ConfigError for a bad auth setting (jwt mode without a usable key).
     """
     if authorize is None:
-        authorize = token_authorizer(Authenticator.from_config(config))
+        authorize = token_authorizer(Authenticator.from_config(config), ServiceVerifier.from_config(config))
     api = HistoryApi(store, authorize=authorize, page=load_page(config.page_ws_url), metrics=metrics, ready=ready)
-    return HttpServer(
+    server = HttpServer(
         api.router(),
         config.http_host,
         config.http_port,
@@ -258,3 +271,9 @@ def build_http_server(
         render_error=json_error,
         name="chat http",
     )
+    if metrics is not None:
+        metrics.counter_fn(
+            "roomcast_chat_http_connections_total", "TCP connections the history API accepted (keep-alive reuses them)",
+            lambda: server.connections_accepted,
+        )
+    return server

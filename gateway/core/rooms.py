@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import msgspec
 
 from gateway.core.wsframe import text_frame_header
-from roomcast.wire.events import ROOM_CHANNEL_PREFIX, EventSeq, decode_event_seq
+from roomcast.wire.events import ROOM_CHANNEL_PREFIX, EventSeq, decode_optional_seq
 from roomcast.wire.frames import MESSAGE_ENVELOPE_HEAD, MESSAGE_ENVELOPE_TAIL
 
 __all__ = ["Room", "RoomRegistry", "Delivery", "Writer", "frame_events", "RegistryStats"]
@@ -126,6 +126,7 @@ class RegistryStats:
     events_accepted: int = 0
     events_duplicate: int = 0
     events_malformed: int = 0
+    events_unsequenced: int = 0  # a third party's events without seq, passed through (PROTOCOL.md 6.7)
     gaps: int = 0  # gaps seen in the live stream
     gaps_filled: int = 0  # fills that closed every gap they were asked for
     gaps_unfilled: int = 0  # fills that left a gap (history could not supply it)
@@ -149,7 +150,8 @@ class RoomRegistry:
         self.fill_gaps = fill_gaps
         # Rooms whose gap the adapter must fill: drained by the adapter.
         self.fill_requests: list[Room] = []
-        # Deliveries that complete_join released (held events): written by the adapter.
+        # Deliveries for the adapter to write: held events complete_join released,
+        # and unsequenced events (they bypass the sequenced Delivery).
         self.released: list[Delivery] = []
 
     # ---- membership ------------------------------------------------------
@@ -304,11 +306,17 @@ class RoomRegistry:
         holding = room.filling or (
             not known and bool(room.joining) and (room.authoritative or not (room.members or room.catching_up))
         )
+        unsequenced: list[bytes] = []
         for payload in payloads:
             try:
-                seq = decode_event_seq(payload)
+                seq = decode_optional_seq(payload)
             except (msgspec.DecodeError, ValueError):
                 stats.events_malformed += 1
+                continue
+            if seq is None:
+                # Not part of the room's sequence: never held, never a gap,
+                # never a fill; straight to the live members.
+                unsequenced.append(payload)
                 continue
             if holding:
                 room.held.append((seq, payload))
@@ -328,6 +336,9 @@ class RoomRegistry:
             last = seq
             accepted.append(payload)
             seqs.append(seq)
+        if unsequenced and room.members:
+            stats.events_unsequenced += len(unsequenced)
+            self.released.append(Delivery(room, frame_events(unsequenced), len(unsequenced)))
         if not accepted:
             return None
         return self._accept(room, seqs, accepted)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from gateway.core.limits import AbuseCounter, TokenBucket
 from roomcast.wire.codes import CloseCode, ErrorCode
 from roomcast.wire.events import IngestRecord
-from roomcast.wire.frames import FrameError, Join, Leave, Send, decode_client_frame, encode_error, encode_left
+from roomcast.wire.frames import FrameError, Join, Leave, Refresh, Send, decode_client_frame, encode_error, encode_left, encode_refreshed
 
-__all__ = ["SessionLimits", "Session", "Reply", "JoinRoom", "LeaveRoom", "Post", "Close", "Action"]
+__all__ = ["SessionLimits", "Session", "Reply", "JoinRoom", "LeaveRoom", "Post", "CheckToken", "Close", "Action"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +44,10 @@ class JoinRoom:
 
 @dataclass(frozen=True, slots=True)
 class LeaveRoom:
+    """Leave the room and answer `left` (with `reason` when the server made the socket leave)."""
+
     room: str
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +58,19 @@ class Post:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckToken:
+    """Verify this `refresh` token, then call `Session.refreshed` or `Session.refresh_refused`."""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     code: int
     reason: str
 
 
-Action = Reply | JoinRoom | LeaveRoom | Post | Close
+Action = Reply | JoinRoom | LeaveRoom | Post | CheckToken | Close
 
 
 def _allow_all(room: str) -> bool:
@@ -70,7 +80,7 @@ def _allow_all(room: str) -> bool:
 class Session:
     """One client connection's protocol state."""
 
-    __slots__ = ("user", "gateway", "limits", "rooms", "_may_use", "_new_msg_id", "_budget", "_abuse", "closed")
+    __slots__ = ("user", "gateway", "limits", "rooms", "exp", "issued_at", "_may_use", "_new_msg_id", "_budget", "_abuse", "closed")
 
     def __init__(
         self,
@@ -79,8 +89,14 @@ class Session:
         limits: SessionLimits,
         new_msg_id: Callable[[], str],
         may_use_room: Callable[[str], bool] = _allow_all,
+        exp: float | None = None,
+        issued_at: float | None = None,
     ) -> None:
         self.user = user
+        # The token's exp and iat (seconds since the epoch): when the socket
+        # must be closed (None: never, dev mode), and which revocations cover it.
+        self.exp = exp
+        self.issued_at = issued_at
         self.gateway = gateway
         self.limits = limits
         # A list, not a set: a socket is in one or a few rooms, and an idle
@@ -104,9 +120,47 @@ class Session:
                 return [self._send(now_ms, frame)]
             if type(frame) is Join:
                 return [self._join(frame)]
+            if type(frame) is Refresh:
+                return [CheckToken(frame.token)]
             return self._leave(frame)  # type: ignore[arg-type]
         except FrameError as exc:
             return self._refuse(now_ms, exc)
+
+    def refreshed(
+        self, user: str, exp: float | None, issued_at: float | None, may_use_room: Callable[[str], bool] | None
+    ) -> list[Action]:
+        """A `refresh` token checked out: its `exp` and rooms apply from now on.
+
+        A token of another user closes with 4003; each joined room the new
+        token does not allow is left with reason `forbidden`. `may_use_room`
+        None: every room.
+        """
+        if self.closed:
+            return []
+        if user != self.user:
+            return self.refresh_refused("token is for another user")
+        self.exp = exp
+        self.issued_at = issued_at
+        may_use_room = self._may_use = may_use_room or _allow_all
+        actions: list[Action] = [Reply(encode_refreshed(exp or 0))]
+        for room in [room for room in self.rooms if not may_use_room(room)]:
+            self.rooms.remove(room)
+            actions.append(LeaveRoom(room, "forbidden"))
+        return actions
+
+    def refresh_refused(self, reason: str) -> list[Action]:
+        """A `refresh` token was bad or expired: PROTOCOL.md 9 closes with 4003."""
+        if self.closed:
+            return []
+        self.closed = True
+        return [Close(CloseCode.REFRESH_REFUSED, f"refresh refused: {reason}")]
+
+    def expired(self) -> list[Action]:
+        """The token's exp passed with no refresh: close with 4001."""
+        if self.closed:
+            return []
+        self.closed = True
+        return [Close(CloseCode.TOKEN_EXPIRED, "token expired; reconnect with a fresh token")]
 
     def refuse_binary(self) -> list[Action]:
         """A binary frame: PROTOCOL.md 1 closes with 1003."""

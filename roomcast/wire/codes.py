@@ -31,3 +31,6 @@ class CloseCode(enum.IntEnum):
     DRAINING = 1012  # service restart: reconnect elsewhere, with `since`
     OVERLOADED = 1013  # try again later
     SLOW_CONSUMER = 4000  # send buffer passed its limit; reconnect with `since`
+    TOKEN_EXPIRED = 4001  # the token's exp passed without a `refresh`: reconnect with a fresh token
+    REVOKED = 4002  # an operator revoked the user (`roomcast revoke`)
+    REFRESH_REFUSED = 4003  # a `refresh` carried a bad or expired token, or one for another user

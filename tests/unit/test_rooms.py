@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import gateway.core.rooms as rooms_module
 from gateway.core.rooms import Delivery, Room, RoomRegistry, frame_events
-from roomcast.wire.events import decode_event_seq
+from roomcast.wire.events import decode_optional_seq
 from roomcast.wire.frames import MESSAGE_ENVELOPE_HEAD, MESSAGE_ENVELOPE_TAIL
 
 # ---- helpers ------------------------------------------------------------------------
@@ -29,7 +29,8 @@ def ev(seq: int, room: str = "r1") -> bytes:
 
 
 def seqs_of(buffer: bytes) -> list[int]:
-    """Parse a buffer of concatenated server text frames (RFC 6455 5.2) back into event seqs."""
+    """Parse a buffer of concatenated server text frames (RFC 6455 5.2) back into event seqs
+    (an unsequenced event, which has none, is left out)."""
     seqs = []
     i = 0
     while i < len(buffer):
@@ -47,7 +48,9 @@ def seqs_of(buffer: bytes) -> list[int]:
         assert len(payload) == length, "truncated frame"
         i += length
         assert payload.startswith(MESSAGE_ENVELOPE_HEAD) and payload.endswith(MESSAGE_ENVELOPE_TAIL)
-        seqs.append(decode_event_seq(payload[len(MESSAGE_ENVELOPE_HEAD) : -len(MESSAGE_ENVELOPE_TAIL)]))
+        seq = decode_optional_seq(payload[len(MESSAGE_ENVELOPE_HEAD) : -len(MESSAGE_ENVELOPE_TAIL)])
+        if seq is not None:
+            seqs.append(seq)
     return seqs
 
 
@@ -276,8 +279,8 @@ def test_deliver_returns_none_when_every_event_is_a_duplicate():
 
 @pytest.mark.parametrize(
     "bad",
-    [b"not json", b"{}", b'{"seq":"3"}', b'{"seq":3.5}', b"[3]", b"", b'{"room":"r1","body":"no seq"}'],
-    ids=["garbage", "empty-object", "string-seq", "float-seq", "array", "empty", "no-seq"],
+    [b"not json", b'{"seq":"3"}', b'{"seq":3.5}', b"[3]", b"", b'"a string"'],
+    ids=["garbage", "string-seq", "float-seq", "array", "empty", "json-string"],
 )
 def test_deliver_drops_malformed_payloads_and_counts_them(bad):
     registry = RoomRegistry()
@@ -292,9 +295,36 @@ def test_deliver_drops_malformed_payloads_and_counts_them(bad):
 def test_deliver_of_only_malformed_payloads_returns_none():
     registry = RoomRegistry()
     live_member(registry, "r1", "m1")
-    assert registry.deliver(registry.rooms["r1"], [b"x", b"{}"]) is None
+    assert registry.deliver(registry.rooms["r1"], [b"x", b"[]"]) is None
     assert registry.stats.events_malformed == 2
     assert registry.rooms["r1"].last_seq == 0
+
+
+THIRD_PARTY = b'{"room":"r1","user":"bot","body":"deploy done"}'
+
+
+def test_an_event_without_seq_goes_to_the_live_members_unsequenced():
+    registry = RoomRegistry(fill_gaps=True)
+    sink = live_member(registry, "r1", "m1")
+    room = registry.rooms["r1"]
+    write_out(registry.deliver(room, [ev(1), THIRD_PARTY, ev(2)]))
+    assert sink.seqs == [1, 2]
+    (extra,) = registry.released
+    assert extra.count == 1 and extra.buffer == frame_events([THIRD_PARTY])
+    assert room.last_seq == 2 and not room.filling and not registry.fill_requests
+    assert (registry.stats.events_unsequenced, registry.stats.gaps, registry.stats.events_malformed) == (1, 0, 0)
+
+
+def test_an_event_without_seq_is_never_held_and_never_starts_a_fill():
+    registry = RoomRegistry(fill_gaps=True)
+    sink = live_member(registry, "r1", "m1")
+    room = registry.rooms["r1"]
+    write_out(registry.deliver(room, [ev(1)]))
+    assert registry.begin_fill(room) == 1  # e.g. after a Redis reconnect
+    assert registry.deliver(room, [THIRD_PARTY, b'{"seq":null,"body":"x"}']) is None
+    assert len(registry.released) == 1 and room.held == []
+    write_out(registry.finish_fill(room, [(2, ev(2))]))
+    assert sink.seqs == [1, 2] and registry.fill_requests == []
 
 
 def test_deliver_accepts_gaps_and_counts_them():
@@ -843,6 +873,10 @@ def test_every_member_gets_each_seq_at_most_once_in_increasing_order(fill_gaps, 
         if delivery is None:
             return
         accepted = seqs_of(delivery.buffer)
+        if not accepted:  # a third party's unsequenced events: no seq to check
+            assert b'"seq"' not in delivery.buffer
+            write_out(delivery)
+            return
         assert delivery.count == len(accepted) > 0
         assert all(a < b for a, b in zip(accepted, accepted[1:]))
         assert accepted[0] > last_accepted[r]
