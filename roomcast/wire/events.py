@@ -125,4 +125,7 @@ def decode_optional_seq(data: bytes) -> int | None:
     """The `seq` of an event payload, None for a JSON object without one (a
     third party's unsequenced event, PROTOCOL.md 6.7). Raises msgspec.DecodeError
     for anything that is not a JSON object, or a `seq` that is not an integer."""
-    return _maybe_seq_decoder.decode(data).seq
+    try:
+        return _maybe_seq_decoder.decode(data).seq
+    except _NOT_JSON as exc:
+        raise msgspec.DecodeError(f"payload is not JSON: {exc}") from None

@@ -16,7 +16,8 @@ import pytest
 from gateway.adapters.redis_sub import _SubscriberProtocol
 from gateway.adapters.resp_push import PushRead, PushReader
 from gateway.core.session import JoinRoom, Reply, Session, SessionLimits
-from roomcast.wire.events import decode_event, decode_event_seq, decode_ingest
+from gateway.core.rooms import RoomRegistry
+from roomcast.wire.events import decode_event, decode_event_seq, decode_ingest, decode_optional_seq
 from roomcast.wire.frames import FrameError, decode_client_frame
 from tests.fuzz.common import load_check
 
@@ -45,7 +46,7 @@ def test_decoders_refuse_a_str_with_a_lone_surrogate_with_decode_error(decode):
         decode('{"seq":1}\ud800')
 
 
-@pytest.mark.parametrize("decode", [decode_ingest, decode_event, decode_event_seq])
+@pytest.mark.parametrize("decode", [decode_ingest, decode_event, decode_event_seq, decode_optional_seq])
 def test_decoders_refuse_absurd_nesting_in_a_skipped_field_with_decode_error(decode):
     # Corpus edge case ingest_decoder/deep-nesting-ignored-field: msgspec
     # raised RecursionError even though it skips the field.
@@ -182,3 +183,29 @@ FOUND = [
 @pytest.mark.parametrize(("target", "data"), FOUND, ids=[f"{t}-{i}" for i, (t, _) in enumerate(FOUND)])
 def test_found_input_passes_its_harness(target, data):
     load_check(target)(data)
+
+
+# ---- ingest_decoder after the merge of main: the fan-out's optional-seq decoder ----
+
+DEEP_EVENT = b'{"seq":3,"x":' + b"[" * 1100 + b"]" * 1100 + b"}"
+
+
+def test_decode_optional_seq_refuses_absurd_nesting_with_decode_error():
+    # Corpus edge case ingest_decoder/deep-nesting-ignored-field once the
+    # harness covered decode_optional_seq: RecursionError.
+    with pytest.raises(msgspec.DecodeError, match="not JSON"):
+        decode_optional_seq(DEEP_EVENT)
+    assert decode_optional_seq(b'{"x":[[1]]}') is None
+
+
+def test_fan_out_counts_an_absurdly_nested_event_as_malformed_and_delivers_the_rest():
+    # Before: RecursionError out of RoomRegistry.deliver (its steady-state
+    # path and decode_optional_seq), so the subscriber lost the whole read,
+    # every room's messages in it, to one bad payload on one room's channel.
+    from tests.unit.test_rooms import ev, live_member, write_out
+
+    registry = RoomRegistry()
+    sink = live_member(registry, "r1", "m1")
+    write_out(registry.deliver(registry.rooms["r1"], [ev(1), DEEP_EVENT, ev(2)]))
+    assert sink.seqs == [1, 2]
+    assert registry.stats.events_malformed == 1
