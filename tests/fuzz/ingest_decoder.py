@@ -1,6 +1,7 @@
 """Fuzz target: the payload decoders of roomcast.wire.events: ``decode_ingest``
-(Kafka message.ingest, read by the chat service), ``decode_event`` and
-``decode_event_seq`` (message.created and Redis ``room:<id>`` payloads).
+(Kafka message.ingest, read by the chat service), ``decode_event``,
+``decode_event_seq`` and ``decode_optional_seq`` (message.created, history
+and Redis ``room:<id>`` payloads; the fan-out reads the optional seq).
 
 The input is the payload as bytes; the decoders that take str too also get
 it as str when it is UTF-8, and as str with lone surrogates otherwise (what
@@ -12,8 +13,10 @@ Properties:
   (its documented error, ValidationError included), nothing else;
 - a decoded record or event has the field types of its schema and survives
   encode-then-decode unchanged;
-- ``decode_event_seq`` agrees with ``decode_event(...).seq`` whenever the
-  full decode succeeds (the fan-out reads only the seq).
+- ``decode_event_seq`` and ``decode_optional_seq`` agree with
+  ``decode_event(...).seq`` whenever the full decode succeeds, and with each
+  other whenever ``decode_event_seq`` succeeds; ``decode_optional_seq`` gives
+  None only where ``decode_event_seq`` finds no seq.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from roomcast.wire.events import (
     decode_event,
     decode_event_seq,
     decode_ingest,
+    decode_optional_seq,
     encode_event,
     encode_ingest,
 )
@@ -49,6 +53,10 @@ def check(data: bytes) -> None:
             assert decode_event(encode_event(event)) == event
     seq = _decoded(decode_event_seq, data)
     assert seq is None or type(seq) is int, seq
+    optional_seq = _decoded(decode_optional_seq, data)
+    assert optional_seq is None or type(optional_seq) is int, optional_seq
+    if seq is not None:
+        assert optional_seq == seq, (optional_seq, seq)
     event = _decoded(decode_event, data)
     if event is not None:
         assert seq == event.seq, (seq, event)

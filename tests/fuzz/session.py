@@ -8,14 +8,23 @@ its first byte is even and it is UTF-8. The clock moves 10 ms per frame and
 the limits are tiny, so the room limit, the send budget and the abuse close
 are reached within a few frames. Rooms starting with ``x`` are forbidden.
 
+A ``refresh`` frame's ``CheckToken`` is answered as ``gateway.access`` would,
+chosen by the token: ``bad...`` is refused, ``other...`` is another user's,
+anything else is valid and from then on forbids rooms starting with its
+first character.
+
 Properties, per frame:
 
 - ``receive_text`` never raises and returns only documented actions, in one
   of the documented shapes: ``[JoinRoom]``, ``[LeaveRoom]``, ``[Reply(left)]``,
-  ``[Post]``, ``[Reply(error)]`` or ``[Reply(error), Close(1008)]``;
+  ``[Post]``, ``[CheckToken]``, ``[Reply(error)]`` or
+  ``[Reply(error), Close(1008)]``;
+- a refresh answer is ``[Reply(refreshed), LeaveRoom(room, "forbidden")...]``
+  leaving exactly the joined rooms the new token forbids, or a 4003 close;
 - a frame that is not JSON at all is refused with a ``bad_request`` error
   reply; every error reply is a JSON ``error`` frame with a documented code;
-- a closed session returns nothing; a close happens only for abuse;
+- a closed session returns nothing; a close happens only for abuse or a
+  refused refresh;
 - joins and posts name only valid, allowed rooms; the session is never in
   more rooms than its limit; a post's body is non-empty and within the byte
   limit; a posted record survives the ingest encoding round trip.
@@ -25,10 +34,12 @@ from __future__ import annotations
 
 import json
 
-from gateway.core.session import Close, JoinRoom, LeaveRoom, Post, Reply, Session, SessionLimits
+from collections.abc import Callable
+
+from gateway.core.session import CheckToken, Close, JoinRoom, LeaveRoom, Post, Reply, Session, SessionLimits
 from roomcast.wire.codes import CloseCode, ErrorCode
 from roomcast.wire.events import decode_ingest, encode_ingest
-from roomcast.wire.frames import is_valid_room_id
+from roomcast.wire.frames import MAX_TOKEN_CHARS, is_valid_room_id
 
 LIMITS = SessionLimits(max_body_bytes=64, send_rate_per_s=5.0, send_burst=3, abuse_max_errors=4, abuse_window_ms=1000, max_rooms=3)
 _ERROR_CODES = {code.value for code in ErrorCode}
@@ -41,6 +52,7 @@ def _may_use(room: str) -> bool:
 def check(data: bytes) -> None:
     ids = iter(range(1_000_000))
     session = Session("u1", "gw-fuzz", LIMITS, lambda: f"gen-{next(ids)}", _may_use)
+    may_use: Callable[[str], bool] = _may_use
     now_ms = 0
     for raw in data.split(b"\x00"):
         now_ms += 10
@@ -56,12 +68,37 @@ def check(data: bytes) -> None:
         if was_closed:
             assert actions == [], f"a closed session answered {actions!r}"
             continue
-        _check_actions(actions, raw)
+        _check_actions(actions, raw, may_use)
+        if isinstance(actions[0], CheckToken):
+            may_use, actions = _answer_refresh(session, actions[0].token, may_use)
         assert session.closed == any(isinstance(a, Close) for a in actions)
         assert len(session.rooms) <= LIMITS.max_rooms and len(set(session.rooms)) == len(session.rooms)
+        assert all(may_use(room) for room in session.rooms), (session.rooms, actions)
 
 
-def _check_actions(actions: list[object], raw: bytes) -> None:
+def _answer_refresh(session: Session, token: str, may_use: Callable[[str], bool]) -> tuple[Callable[[str], bool], list[object]]:
+    """What gateway.access does with a checked token, and the properties of the answer."""
+    if token.startswith("bad"):
+        actions: list[object] = list(session.refresh_refused("bad token"))
+        assert actions == [Close(CloseCode.REFRESH_REFUSED, "refresh refused: bad token")], actions
+        return may_use, actions
+    if token.startswith("other"):
+        actions = list(session.refreshed("u2", None, None, None))
+        assert len(actions) == 1 and isinstance(actions[0], Close) and actions[0].code == CloseCode.REFRESH_REFUSED, actions
+        return may_use, actions
+    forbidden = token[0]
+
+    def new_may_use(room: str) -> bool:
+        return not room.startswith(forbidden)
+
+    joined = list(session.rooms)
+    actions = list(session.refreshed("u1", 2e9, 1e9, new_may_use))
+    assert actions[0] == Reply(b'{"type":"refreshed","exp":2000000000}'), actions
+    assert actions[1:] == [LeaveRoom(room, "forbidden") for room in joined if not new_may_use(room)], (joined, actions)
+    return new_may_use, actions
+
+
+def _check_actions(actions: list[object], raw: bytes, may_use: Callable[[str], bool]) -> None:
     assert len(actions) in (1, 2), f"expected one action, or an error reply and a close; got {actions!r}"
     first = actions[0]
     if not _is_json(raw):
@@ -79,16 +116,18 @@ def _check_actions(actions: list[object], raw: bytes) -> None:
         else:
             assert _error_code(first) is not None, frame
     elif isinstance(first, JoinRoom):
-        assert is_valid_room_id(first.room) and _may_use(first.room), first
+        assert is_valid_room_id(first.room) and may_use(first.room), first
         assert first.since is None or (type(first.since) is int and first.since >= 0), first
     elif isinstance(first, LeaveRoom):
-        assert is_valid_room_id(first.room), first
+        assert is_valid_room_id(first.room) and first.reason is None, first
     elif isinstance(first, Post):
         record = first.record
-        assert is_valid_room_id(record.room) and _may_use(record.room), record
+        assert is_valid_room_id(record.room) and may_use(record.room), record
         assert 0 < len(record.body.encode()) <= LIMITS.max_body_bytes, record
         assert 1 <= len(record.client_msg_id) <= 64, record
         assert decode_ingest(encode_ingest(record)) == record
+    elif isinstance(first, CheckToken):
+        assert type(first.token) is str and 1 <= len(first.token) <= MAX_TOKEN_CHARS, first
     else:
         raise AssertionError(f"undocumented action {first!r}")
 
