@@ -14,6 +14,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "MissingBinary",
@@ -99,6 +100,15 @@ class ManagedProcess:
         stop_process(self.proc, timeout_s)
 
 
+def _spawn_logged(args: list[str], log_path: Path | None, **popen: Any) -> subprocess.Popen[bytes]:
+    """Start a server with stdout and stderr appended to log_path (or discarded)."""
+    if log_path is None:
+        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **popen)
+    # The child holds its own descriptor of the log; ours is closed at once.
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **popen)
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
     """SIGTERM, then SIGKILL after timeout_s; reaps the process. Idempotent."""
     if proc.poll() is not None:
@@ -167,8 +177,7 @@ def start_redis(
         "--daemonize", "no",
         *(extra_args or []),
     ]
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(log_path.parent) if log_path else None)
+    proc = _spawn_logged(args, log_path, cwd=str(log_path.parent) if log_path else None)
     managed = ManagedProcess("redis", proc, host, port, log_path)
     try:
         wait_for_port(host, port, 10.0, proc)
@@ -192,8 +201,7 @@ def start_tansu(host: str = "127.0.0.1", port: int = 0, log_path: Path | None = 
     args = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url]
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "warn")
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    proc = _spawn_logged(args, log_path, env=env)
     managed = ManagedProcess("kafka", proc, host, port, log_path)
     try:
         wait_for_port(host, port, 10.0, proc)

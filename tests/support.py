@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 from typing import Any
 
+import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
@@ -87,3 +89,23 @@ class Client:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+async def close_code(c: Client, timeout: float = 5.0) -> int:
+    """Read until the server closes the socket; its close code."""
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        while True:
+            await c.recv(timeout)
+    assert closed.value.rcvd is not None, "no close frame from the server"
+    return closed.value.rcvd.code
+
+
+async def revoke(redis_url: str, *args: str) -> str:
+    """Run the real `roomcast revoke` command."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "roomcast.cli", "revoke", *args, "--redis-url", redis_url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode()

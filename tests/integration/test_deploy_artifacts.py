@@ -284,6 +284,7 @@ def prestop_seconds(c: dict[str, Any]) -> float:
 # realistic shapes, so roomcast.config validates them like the real ones.
 EXTERNAL_SECRET_SAMPLES = {
     "jwt-secret": "k" * 48,
+    "service-key": "s" * 48,
     "database-url": "postgresql://roomcast:secret@postgres.example:5432/roomcast",
 }
 

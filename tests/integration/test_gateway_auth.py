@@ -15,7 +15,7 @@ from gateway.app import GatewayApp
 from roomcast.auth import mint
 from roomcast.embedded import free_port
 from tests.integration.test_gateway import base_config, start_gateway, ws_url
-from tests.support import Client, scaled
+from tests.support import Client, close_code, revoke, scaled
 
 SECRET = "test-secret-of-at-least-32-bytes!!"
 
@@ -80,15 +80,6 @@ async def test_rooms_claim_is_enforced_on_join_and_on_send(jwt_gateway: GatewayA
 # ---- v1.1 token lifetime and revocation (PROTOCOL.md 9) ----------------------------------
 
 
-async def close_code(c: Client, timeout: float = 5.0) -> int:
-    """Read until the server closes the socket; its close code."""
-    with pytest.raises(websockets.ConnectionClosed) as closed:
-        while True:
-            await c.recv(timeout)
-    assert closed.value.rcvd is not None, "no close frame from the server"
-    return closed.value.rcvd.code
-
-
 async def test_socket_is_closed_with_4001_at_its_tokens_exp(jwt_gateway: GatewayApp) -> None:
     token = mint(SECRET, "alice", ttl_s=1.5)
     exp = jwt_claims(token)["exp"]
@@ -142,17 +133,6 @@ def jwt_claims(token: str) -> dict[str, object]:
     import jwt
 
     return jwt.decode(token, options={"verify_signature": False})  # type: ignore[no-any-return]
-
-
-async def revoke(redis_url: str, *args: str) -> str:
-    """Run the real `roomcast revoke` command."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "roomcast.cli", "revoke", *args, "--redis-url", redis_url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
 
 
 async def test_revoke_closes_every_socket_of_the_user_on_every_gateway_with_4002(redis_url: str) -> None:

@@ -12,9 +12,10 @@ from redis.crc import key_slot
 
 from roomcast.embedded import ManagedProcess, start_redis_cluster
 from roomcast.kafka import ensure_topics
+from roomcast.wire.control import CONTROL_CHANNEL
 from roomcast.wire.events import CREATED_TOPIC
 from tests.integration.test_gateway import base_config, start_gateway, ws_url
-from tests.support import Client, event
+from tests.support import Client, close_code, event, revoke
 
 
 @pytest.fixture
@@ -75,6 +76,8 @@ async def test_relay_spublishes_and_every_socket_gets_its_rooms_on_a_3_node_clus
             await r.aclose()
             expected = {f"room:{room}" for room in rooms if owner(key_slot(f"room:{room}".encode())) == node.address}
             assert expected, f"no room hashes to {node.address}: the test would prove nothing for it"
+            if owner(key_slot(CONTROL_CHANNEL.encode())) == node.address:
+                expected.add(CONTROL_CHANNEL)  # every gateway hears revocations (gateway/access.py)
             assert channels == expected, f"node {node.address}: shard channels {sorted(channels)}, slots it owns say {sorted(expected)}"
         for _ in range(200):
             if app.ready:
@@ -93,8 +96,13 @@ async def test_relay_spublishes_and_every_socket_gets_its_rooms_on_a_3_node_clus
             for c in cs:
                 got = await c.collect(room, 10, timeout=20)
                 assert [m["seq"] for m in got] == list(range(1, 11))
+        # `roomcast revoke` reaches the gateway through the cluster (SPUBLISH).
+        out = await revoke(url, "u0", "--redis-mode", "cluster")
+        assert "1 gateway worker(s) told" in out
+        revoked = [c for cs in clients.values() for c in cs[:1]]  # each room's first client is u0
+        assert await asyncio.gather(*(close_code(c) for c in revoked)) == [4002] * len(revoked)
         for cs in clients.values():
-            for c in cs:
+            for c in cs[1:]:
                 await c.close()
     finally:
         await app.drain()
