@@ -68,7 +68,7 @@ except ImportError:  # pragma: no cover - an older revision under bench.compare
     frame_events = None  # type: ignore[assignment]
 
 try:
-    from gateway.core.wsframe import text_frame, text_frame_header
+    from gateway.core.server_frames import text_frame, text_frame_header
 except ImportError:  # pragma: no cover
     text_frame = text_frame_header = None  # type: ignore[assignment]
 
@@ -269,7 +269,7 @@ _OVERHEAD = len(_HEAD) + len(_TAIL)
 
 
 def _header(n: int) -> bytes:
-    # RFC 6455 5.2, FIN + text, unmasked; the same as gateway.core.wsframe.text_frame_header
+    # RFC 6455 5.2, FIN + text, unmasked; the same as gateway.core.server_frames.text_frame_header
     if n < 126:
         return bytes((0x81, n))
     if n < 65536:

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
 
 from gateway.access import AccessGuard
-from gateway.adapters.framed import EchoListener, make_server_kwargs
+from gateway.adapters.message_listener import EchoListener, make_server_kwargs
 from gateway.adapters.history import HistoryClient, HistoryUnavailable
 from gateway.adapters.kafka import CreatedRelay, IngestProducer
 from gateway.adapters.redis_cluster import ClusterSubscriber

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 from picows import WSFrame, WSMsgType, WSTransport
 
-from gateway.adapters.framed import FramedListener
-from gateway.core.wsframe import text_frame
+from gateway.adapters.message_listener import FramedListener
+from gateway.core.server_frames import text_frame
 from gateway.core.session import Session
 from roomcast.wire.codes import CloseCode
 

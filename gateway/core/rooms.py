@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from gateway.core.wsframe import text_frame_header
+from gateway.core.server_frames import text_frame_header
 from roomcast.wire.events import ROOM_CHANNEL_PREFIX, EventSeq, decode_optional_seq
 from roomcast.wire.frames import MESSAGE_ENVELOPE_HEAD, MESSAGE_ENVELOPE_TAIL
 

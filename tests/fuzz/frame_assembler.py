@@ -1,6 +1,6 @@
-"""Fuzz target: the WebSocket message layer (gateway.core.framing.MessageAssembler).
+"""Fuzz target: the WebSocket message layer (gateway.core.message_layer.MessageAssembler).
 
-picows hands the layer raw frames (``gateway/adapters/framed.py`` only
+picows hands the layer raw frames (``gateway/adapters/message_listener.py`` only
 forwards them), so the input is a script of frames: byte 0 picks the
 message limit (0-510 bytes, small so it is hit), then per frame one header
 byte laid out as on the wire (FIN, RSV1-3, 4-bit opcode), one length byte and
@@ -23,7 +23,7 @@ Properties, on every input:
 
 from __future__ import annotations
 
-from gateway.core.framing import (
+from gateway.core.message_layer import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,

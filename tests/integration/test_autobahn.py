@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 import pytest
 import uvloop
 
-from gateway.adapters.framed import DEFAULT_MAX_MESSAGE_BYTES
+from gateway.adapters.message_listener import DEFAULT_MAX_MESSAGE_BYTES
 from gateway.app import GatewayApp
 from roomcast.config import GatewayConfig
 from tests.support import scaled

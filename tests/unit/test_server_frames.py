@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from gateway.core.rooms import frame_events
-from gateway.core.wsframe import text_frame, text_frame_header
+from gateway.core.server_frames import text_frame, text_frame_header
 from roomcast.wire.frames import message_envelope
 
 

@@ -8,7 +8,7 @@ bits, control-frame rules and close-frame rules.
 One :class:`MessageAssembler` per connection. Feed it every received frame,
 in order, with :meth:`MessageAssembler.feed`; act on what it returns. It does
 no I/O, reads no clock and imports no event loop, so it is tested without a
-socket (``tests/unit/test_framing.py``) and could sit under any frame parser.
+socket (``tests/unit/test_message_layer.py``) and could sit under any frame parser.
 
 Opcodes are plain ints (RFC 6455 section 5.2) so that callers convert their
 library's enum once per frame and the hot path compares small ints.
@@ -20,6 +20,8 @@ import codecs
 from dataclasses import dataclass
 from typing import Final
 
+from roomcast.wire.codes import CloseCode
+
 __all__ = [
     "OP_CONTINUATION",
     "OP_TEXT",
@@ -27,10 +29,6 @@ __all__ = [
     "OP_CLOSE",
     "OP_PING",
     "OP_PONG",
-    "CLOSE_NORMAL",
-    "CLOSE_PROTOCOL_ERROR",
-    "CLOSE_INVALID_DATA",
-    "CLOSE_MESSAGE_TOO_BIG",
     "MAX_CONTROL_PAYLOAD_BYTES",
     "MessageAssembler",
     "Outcome",
@@ -52,10 +50,6 @@ OP_PING: Final = 0x9
 OP_PONG: Final = 0xA
 
 # RFC 6455 section 7.4.1: the close codes this layer sends.
-CLOSE_NORMAL: Final = 1000
-CLOSE_PROTOCOL_ERROR: Final = 1002
-CLOSE_INVALID_DATA: Final = 1007
-CLOSE_MESSAGE_TOO_BIG: Final = 1009
 
 # RFC 6455 section 5.5: control frames carry at most 125 payload bytes.
 MAX_CONTROL_PAYLOAD_BYTES: Final = 125
@@ -202,7 +196,7 @@ class MessageAssembler:
         # fragmented message open, within the limit. One branch, one decode.
         # Cost of this call for a 200-byte text frame (2-core AMD EPYC VM,
         # CPython 3.11.7; best of 7, machine shared, so +-15%):
-        #   python -m timeit -s "from gateway.core.framing import
+        #   python -m timeit -s "from gateway.core.message_layer import
         #   MessageAssembler; f = MessageAssembler(65536).feed;
         #   p = b'x' * 200" "f(1, True, False, False, False, p)"
         # -> 230-280 ns, of which bytes.decode is 51 ns.
@@ -210,7 +204,7 @@ class MessageAssembler:
             try:
                 text = payload.decode()
             except UnicodeDecodeError:
-                return self._fail(CLOSE_INVALID_DATA, "invalid utf-8 in text message")
+                return self._fail(CloseCode.INVALID_PAYLOAD, "invalid utf-8 in text message")
             # TextMessage(text) through its frozen-dataclass __init__ costs
             # about 100 ns more than setting the slot directly.
             message = _new_object(TextMessage)
@@ -225,27 +219,27 @@ class MessageAssembler:
         if rsv1 or rsv2 or rsv3:
             # RFC 6455 5.2: RSV bits MUST be 0 unless an extension defining
             # them was negotiated; this server negotiates none.
-            return self._fail(CLOSE_PROTOCOL_ERROR, "reserved bits set without an extension")
+            return self._fail(CloseCode.PROTOCOL_ERROR, "reserved bits set without an extension")
         if opcode >= OP_CLOSE:
             return self._control(opcode, fin, payload)
         if opcode == OP_CONTINUATION:
             # RFC 6455 5.4: a continuation frame only follows a non-final
             # text or binary frame.
             if not self._msg_opcode:
-                return self._fail(CLOSE_PROTOCOL_ERROR, "continuation frame without a message to continue")
+                return self._fail(CloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")
             return self._append(fin, payload)
         if opcode == OP_TEXT or opcode == OP_BINARY:
             # RFC 6455 5.4: fragments of one message are not interleaved with
             # another message's frames.
             if self._msg_opcode:
-                return self._fail(CLOSE_PROTOCOL_ERROR, "new message before the previous one finished")
+                return self._fail(CloseCode.PROTOCOL_ERROR, "new message before the previous one finished")
             self._msg_opcode = opcode
             self._fast_limit = -1
             if opcode == OP_TEXT:
                 self._decoder = _new_utf8_decoder()
             return self._append(fin, payload)
         # RFC 6455 5.2: opcodes 0x3-0x7 are reserved non-control opcodes.
-        return self._fail(CLOSE_PROTOCOL_ERROR, f"reserved opcode {opcode:#x}")
+        return self._fail(CloseCode.PROTOCOL_ERROR, f"reserved opcode {opcode:#x}")
 
     def _control(self, opcode: int, fin: bool, payload: bytes) -> Outcome | None:
         # RFC 6455 5.5: control frames MUST NOT be fragmented and carry at
@@ -253,11 +247,11 @@ class MessageAssembler:
         # (5.4), so nothing here touches the open message.
         if opcode > OP_PONG:
             # RFC 6455 5.2: opcodes 0xB-0xF are reserved control opcodes.
-            return self._fail(CLOSE_PROTOCOL_ERROR, f"reserved opcode {opcode:#x}")
+            return self._fail(CloseCode.PROTOCOL_ERROR, f"reserved opcode {opcode:#x}")
         if not fin:
-            return self._fail(CLOSE_PROTOCOL_ERROR, "fragmented control frame")
+            return self._fail(CloseCode.PROTOCOL_ERROR, "fragmented control frame")
         if len(payload) > MAX_CONTROL_PAYLOAD_BYTES:
-            return self._fail(CLOSE_PROTOCOL_ERROR, "control frame payload over 125 bytes")
+            return self._fail(CloseCode.PROTOCOL_ERROR, "control frame payload over 125 bytes")
         if opcode == OP_PING:
             # RFC 6455 5.5.2: answer with a pong carrying the same payload.
             return SendPong(payload)
@@ -272,19 +266,19 @@ class MessageAssembler:
         size = len(payload)
         if size == 0:
             self.close()
-            return PeerClose(CLOSE_NORMAL, "")
+            return PeerClose(CloseCode.NORMAL, "")
         if size == 1:
-            return self._fail(CLOSE_PROTOCOL_ERROR, "close frame with a 1-byte payload")
+            return self._fail(CloseCode.PROTOCOL_ERROR, "close frame with a 1-byte payload")
         code = int.from_bytes(payload[:2], "big")
         # RFC 6455 7.4: codes outside the defined and private ranges are a
         # protocol error.
         if not is_valid_close_code(code):
-            return self._fail(CLOSE_PROTOCOL_ERROR, f"invalid close code {code}")
+            return self._fail(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
         try:
             # RFC 6455 5.5.1: the reason is UTF-8; invalid UTF-8 is 1007 (8.1).
             reason = payload[2:].decode()
         except UnicodeDecodeError:
-            return self._fail(CLOSE_INVALID_DATA, "invalid utf-8 in close reason")
+            return self._fail(CloseCode.INVALID_PAYLOAD, "invalid utf-8 in close reason")
         self.close()
         return PeerClose(code, reason)
 
@@ -293,7 +287,7 @@ class MessageAssembler:
         if self._size > self._max:
             # Checked before decoding or keeping the fragment, so an
             # oversize message never grows the buffer past the limit.
-            return self._fail(CLOSE_MESSAGE_TOO_BIG, f"message over {self._max} bytes")
+            return self._fail(CloseCode.FRAME_TOO_LARGE, f"message over {self._max} bytes")
         decoder = self._decoder
         if decoder is not None:
             # RFC 6455 8.1: invalid UTF-8 fails the connection. Decoding each
@@ -302,9 +296,9 @@ class MessageAssembler:
             try:
                 text = decoder.decode(payload, fin)
             except UnicodeDecodeError:
-                return self._fail(CLOSE_INVALID_DATA, "invalid utf-8 in text message")
+                return self._fail(CloseCode.INVALID_PAYLOAD, "invalid utf-8 in text message")
             if not fin and _pending_is_surrogate(decoder):
-                return self._fail(CLOSE_INVALID_DATA, "invalid utf-8 in text message")
+                return self._fail(CloseCode.INVALID_PAYLOAD, "invalid utf-8 in text message")
             self._texts.append(text)
             if not fin:
                 return None
@@ -346,7 +340,7 @@ def frame_extent(buf: bytes | bytearray | memoryview, pos: int, end: int) -> int
     None if ``buf[pos:end]`` does not hold the whole header; -1 if picows
     refuses the header from the header alone (reserved opcode, fragmented
     control frame, control payload over 125 bytes). The read splitter of
-    ``gateway.adapters.framed`` walks socket reads with it.
+    ``gateway.adapters.message_listener`` walks socket reads with it.
     """
     if end - pos < 2:
         return None

@@ -1,4 +1,4 @@
-"""The WebSocket message layer (gateway.core.framing), without a socket.
+"""The WebSocket message layer (gateway.core.message_layer), without a socket.
 
 Each test names the RFC 6455 rule it pins; the frames are what picows would
 hand the layer: opcode, fin, the three RSV bits and the unmasked payload.
@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from gateway.core import framing
-from gateway.core.framing import (
+from gateway.core import message_layer as framing
+from gateway.core.message_layer import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,
@@ -124,7 +124,7 @@ def test_outcomes_are_frozen_slotted_dataclasses_exported_in_all(cls: type) -> N
 def test_framing_module_imports_no_event_loop_or_websocket_library() -> None:
     # The core is sans-I/O: importing it must not pull in asyncio or picows.
     code = (
-        "import sys, gateway.core.framing; "
+        "import sys, gateway.core.message_layer; "
         "bad = [m for m in ('asyncio', 'picows', 'uvloop') if m in sys.modules]; "
         "sys.exit(repr(bad) if bad else 0)"
     )
