@@ -308,10 +308,37 @@ class Fleet:
             await asyncio.sleep(0.01)
         return True
 
+    def poster(self, prefix: str, stamp_wall: bool = False) -> Callable[[str, int, int], None]:
+        """post(room, seq, index): message.send of message `index` (client_msg_id PREFIX-index) from
+        the room's first member, timed from just before the write; stamp_wall: the wall clock too
+        (for the breakdown by the stored event's ts)."""
+        senders = self.senders()
+        text = _text_type()
+
+        def post(room: str, seq: int, index: int) -> None:
+            cmid = f"{prefix}-{index}"
+            frame = b'{"type":"message.send","room":"%s","body":"%s","client_msg_id":"%s"}' % (
+                room.encode(), _BODY.encode(), cmid.encode(),
+            )
+            if stamp_wall:
+                self.sent_wall[cmid] = time.time_ns()
+            self.sent_at[cmid] = time.monotonic_ns()
+            senders[room].transport.send(text, frame)
+
+        return post
+
     def close(self) -> None:
         for m in self.members:
             if m.transport is not None:
                 m.transport.disconnect()
+
+
+async def _release(fleet: Fleet | None) -> None:
+    """The end of a hop: this process back on every core, the client sockets closed."""
+    unpin()
+    if fleet is not None:
+        fleet.close()
+        await asyncio.sleep(0.1)
 
 
 # ---- pacing ---------------------------------------------------------------------------------
@@ -515,10 +542,7 @@ async def run_redis_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
         row["setup"] = "raw RESP PUBLISH from the client process; 1 gateway worker, no Kafka, no history"
         return [row]
     finally:
-        unpin()
-        if fleet is not None:
-            fleet.close()
-            await asyncio.sleep(0.1)
+        await _release(fleet)
         if gateway is not None:
             gateway.stop(timeout_s=20)
         redis.stop()
@@ -591,17 +615,8 @@ async def run_kafka_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
         # (2) message.send -> ack: one sender per room (default rate limits hold at 10/s each)
         fleet = Fleet([f"ws://127.0.0.1:{gateway.port}/ws"], opts.rooms, 1, "ka")
         await fleet.connect()
-        senders = fleet.senders()
         ack_opts = Options(**{**opts.__dict__, "members": 1})
-
-        def post(room: str, seq: int, index: int) -> None:
-            cmid = f"a-{index}"
-            frame = b'{"type":"message.send","room":"%s","body":"%s","client_msg_id":"%s"}' % (
-                room.encode(), _BODY.encode(), cmid.encode(),
-            )
-            fleet.sent_at[cmid] = time.monotonic_ns()
-            senders[room].transport.send(_text_type(), frame)
-
+        post = fleet.poster("a")
         before = fleet.acked
         counts = await _drive_acks(fleet, ack_opts, post, procs)
         row = _row("kafka send->ack", ack_opts, fleet.acks, counts)
@@ -611,10 +626,7 @@ async def run_kafka_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
         rows.append(row)
         return rows
     finally:
-        unpin()
-        if fleet is not None:
-            fleet.close()
-            await asyncio.sleep(0.1)
+        await _release(fleet)
         if producer is not None:
             await producer.stop()
         if gateway is not None:
@@ -695,18 +707,7 @@ async def run_e2e_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
         # the path includes the Redis hop between gateways.
         fleet = Fleet([stack.ws_url(i) for i in range(len(stack.gateways))], opts.rooms, opts.members, "e2e")
         await fleet.connect()
-        senders = fleet.senders()
-        text = _text_type()
-
-        def post(room: str, seq: int, index: int) -> None:
-            cmid = f"e-{index}"
-            frame = b'{"type":"message.send","room":"%s","body":"%s","client_msg_id":"%s"}' % (
-                room.encode(), _BODY.encode(), cmid.encode(),
-            )
-            fleet.sent_wall[cmid] = time.time_ns()
-            fleet.sent_at[cmid] = time.monotonic_ns()
-            senders[room].transport.send(text, frame)
-
+        post = fleet.poster("e", stamp_wall=True)
         procs = stack.pids()
         counts = await _drive(fleet, opts, post, opts.members, procs)
         rows = []
@@ -728,10 +729,7 @@ async def run_e2e_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
             rows.append(part)
         return rows
     finally:
-        unpin()
-        if fleet is not None:
-            fleet.close()
-            await asyncio.sleep(0.1)
+        await _release(fleet)
         await asyncio.to_thread(stack.stop)
 
 
