@@ -31,7 +31,7 @@ from chat.adapters.kafka import IngestPipeline, KafkaTuning, PipelineStatistics,
 from chat.storage import MessageStore, Retention, StoreError, open_store
 from roomcast.config import ChatConfig
 from roomcast.logs import setup_logging
-from roomcast.membership import ConsumerStalled
+from roomcast.kafka import ConsumerStalled
 from roomcast.metrics import MetricsRegistry
 from roomcast.stopping import StopAction, StopSignals
 

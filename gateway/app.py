@@ -98,7 +98,7 @@ class GatewayApp:
             session_timeout_ms=config.kafka_session_timeout_ms,
             # Static membership: a restarted worker takes its partitions back
             # without a rebalance (real Kafka; the embedded broker cannot).
-            static_member_id=self.name if config.kafka_static_membership else None,
+            static_membership=config.kafka_static_membership,
             on_stalled=self._on_relay_stalled,
         )
         self.exit_code = 0
@@ -160,7 +160,7 @@ class GatewayApp:
         m.counter_fn(
             "roomcast_gateway_relay_watchdog_actions_total",
             "times the relay was found stuck (out of its group, or no progress with records waiting) and rejoined or gave up",
-            lambda: self.relay.member.watchdog.actions,
+            lambda: self.relay.watchdog.actions,
         )
 
     # ---- lifecycle -------------------------------------------------------------
@@ -263,7 +263,7 @@ class GatewayApp:
                 await asyncio.sleep(tick_s)
         log.info("drain step 5/7: flushing the producer")
         await self.producer.aclose()
-        log.info("drain step 6/7: committing and leaving %s", self.relay.group_id)
+        log.info("drain step 6/7: committing and leaving %s", self.relay.settings.group)
         await self.relay.aclose()
         log.info("drain step 7/7: closing redis")
         await self.subscriber.aclose()

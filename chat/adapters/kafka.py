@@ -23,11 +23,12 @@ sizes, store and produce latency per batch, counts from `statistics()`, and
 the consumer lag: `highwater()` minus the position, per assigned partition
 (ListOffsets(latest) is wrong on the embedded broker).
 
+Group membership, rebalances, contiguous fetches, lag and liveness are
+roomcast.kafka.consumer's (the gateway relay is the same kind of member).
+
 Embedded-broker notes (README, "Limits"): never the idempotent producer
-(Tansu has no InitProducerId), a small fetch wait because Tansu does not wake
-waiting fetches, and Tansu's first group generation is 0, for which aiokafka
-skips LeaveGroup on stop; `_leave_generation_zero` sends it so a restart
-rejoins in ~3 s instead of waiting out the session timeout.
+(Tansu has no InitProducerId), and a small fetch wait because Tansu does not
+wake waiting fetches.
 """
 
 from __future__ import annotations
@@ -36,31 +37,26 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
-from aiokafka.protocol.group import LeaveGroupRequest
 from aiokafka.structs import ConsumerRecord
 
 from chat.core.validation import validate_ingest
 from chat.storage.base import MessageStore, StoredMessage, StoreError
 from roomcast.config import ChatConfig
-from roomcast.kafka import consumer_lag, contiguous
-from roomcast.membership import MemberFile, WatchedMember
+from roomcast.kafka.clients import Retry, start_with_retry, stop_quietly
+from roomcast.kafka.consumer import GroupConsumer, MemberSettings
+from roomcast.kafka.offsets import Fetched
 from roomcast.metrics import SIZE_BUCKETS, MetricsRegistry
-from roomcast.offsets import OffsetGapGuard
-from roomcast.watchdog import ConsumerWatchdog, stall_bound_s
 from roomcast.wire.events import CHAT_GROUP, CREATED_TOPIC, INGEST_TOPIC, IngestRecord, decode_ingest, encode_event
 
 __all__ = ["IngestPipeline", "KafkaTuning", "PipelineStatistics", "wall_clock_ms"]
 
 log = logging.getLogger("roomcast.chat.kafka")
-
-Client = TypeVar("Client", AIOKafkaConsumer, AIOKafkaProducer)
 
 # Failures worth retrying: the database or Kafka is away for a while.
 _TRANSIENT = (StoreError, KafkaError, OSError, TimeoutError)
@@ -109,13 +105,14 @@ class PipelineStatistics:
     consumer_lag: int = 0
 
 
-class IngestPipeline:
+class IngestPipeline(GroupConsumer):
     """Consumes message.ingest, stores, produces message.created, commits.
 
-    Call `await connect(stop)` once (retries until Kafka answers or `stop` is
-    set), then `await run(stop)` until `stop` is set, then `await aclose()`.
-    Its metrics go into `metrics` (a registry of its own when None).
-    Raises ValueError when config.batch_max is below 1.
+    Call `await connect(stop)` once (starts the producer, retrying until Kafka
+    answers or `stop` is set), then `await run(stop)` (the group member, until
+    `stop` is set), then `await aclose()`. Its metrics go into `metrics` (a
+    registry of its own when None). Raises ValueError when config.batch_max
+    is below 1.
     """
 
     def __init__(
@@ -129,37 +126,38 @@ class IngestPipeline:
     ) -> None:
         if config.batch_max < 1:
             raise ValueError(f"batch_max must be 1 or more, not {config.batch_max}")
+        session_ms = config.kafka_session_timeout_ms
+        super().__init__(
+            "the ingest pipeline",
+            MemberSettings(
+                bootstrap=config.kafka_bootstrap,
+                group=CHAT_GROUP,
+                topic=INGEST_TOPIC,
+                client_id="roomcast-chat",
+                member_name=config.instance_id or socket.gethostname(),
+                session_timeout_ms=session_ms,
+                rebalance_timeout_ms=tuning.rebalance_timeout_ms,
+                heartbeat_interval_ms=min(tuning.heartbeat_interval_ms, session_ms // 3),
+                fetch_max_wait_ms=config.fetch_max_wait_ms,
+                max_records=config.batch_max,
+                static=config.kafka_static_membership,
+                poll_timeout_ms=tuning.poll_timeout_ms,
+                request_timeout_ms=tuning.request_timeout_ms + session_ms,
+                revoke_grace_s=tuning.revoke_grace_s,
+                stop_grace_s=tuning.shutdown_grace_s + tuning.revoke_grace_s,
+                retry=Retry(tuning.retry_initial_s, tuning.retry_max_s),
+                connect_retry=Retry(tuning.retry_initial_s, tuning.connect_retry_max_s),
+            ),
+        )
         self.config = config
         self.store = store
         self.tuning = tuning
         self._clock_ms = clock_ms
-        self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        # Bumped at every revocation: a batch from an older epoch must not
-        # produce or commit any more (its partitions may be someone else's).
-        self._epoch = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._closed = False
         self._batches = self._records = self._stored = self._duplicates = self._malformed = 0
-        self._produced = self._commits = self._commit_failures = self._retries = self._abandoned = 0
+        self._produced = self._commits = self._commit_failures = self._abandoned = 0
         self._last_batch_ms = 0.0
-        # Next offset per partition after the last records getmany handed out
-        # (the consumer's position, kept here so lag() never awaits: position()
-        # can wait for an offset reset); lag() reads it with highwater().
-        self._positions: dict[TopicPartition, int] = {}
-        # Holds back records past a hole in a partition's offsets (the embedded
-        # broker can show a later record before an earlier one: roomcast.offsets).
-        self._offsets = OffsetGapGuard()
-        self._in_group = False
-        self._attempts = 0
-        self._instance_id = config.instance_id or socket.gethostname()
-        self._member_file = MemberFile(config.kafka_bootstrap, CHAT_GROUP, self._instance_id)
-        self.watchdog = ConsumerWatchdog(
-            stall_bound_s(config.kafka_session_timeout_ms, tuning.rebalance_timeout_ms),
-            orphan_after_s=config.kafka_session_timeout_ms / 1000,
-        )
-        self.member: WatchedMember[AIOKafkaConsumer] | None = None
         self._init_metrics(metrics if metrics is not None else MetricsRegistry())
 
     def _init_metrics(self, m: MetricsRegistry) -> None:
@@ -170,10 +168,10 @@ class IngestPipeline:
             lambda: self._duplicates,
         )
         m.counter_fn("roomcast_chat_malformed_total", "ingest records skipped as undecodable or invalid", lambda: self._malformed)
-        m.counter_fn("roomcast_chat_batch_retries_total", "store or produce failures retried", lambda: self._retries)
+        m.counter_fn("roomcast_chat_batch_retries_total", "store or produce failures retried", lambda: self.retries)
         m.counter_fn(
             "roomcast_chat_offset_holes_total", "fetches held back at a hole in a partition's offsets",
-            lambda: self._offsets.holes_waited,
+            lambda: self.offsets.holes_waited,
         )
         m.counter_fn("roomcast_chat_commit_failures_total", "offset commits refused (a rebalance)", lambda: self._commit_failures)
         m.counter_fn(
@@ -198,19 +196,7 @@ class IngestPipeline:
     @property
     def connected(self) -> bool:
         """The producer is up and the consumer has joined its group, and neither is stuck."""
-        stalled_ms = self.member.stalled_for() * 1000 if self.member is not None else 0.0
-        return self._producer is not None and self._consumer is not None and stalled_ms < self.config.kafka_session_timeout_ms
-
-    def _member_state(self) -> tuple[bool, int, int]:
-        if self._consumer is not None:
-            self._member_file.track(self._consumer)
-        # Retries of a failing batch and failed connection attempts are signs of life.
-        return self._in_group, self.lag(), self._records + self._retries + self._attempts
-
-    def lag(self) -> int:
-        """Records on the assigned partitions not yet fetched (roomcast.kafka.consumer_lag). Never raises."""
-        consumer = self._consumer
-        return 0 if consumer is None else consumer_lag(consumer, self._positions)
+        return self._producer is not None and self.live
 
     def statistics(self) -> PipelineStatistics:
         return PipelineStatistics(
@@ -222,7 +208,7 @@ class IngestPipeline:
             self._produced,
             self._commits,
             self._commit_failures,
-            self._retries,
+            self.retries,
             self._abandoned,
             self._last_batch_ms,
             self.lag(),
@@ -237,7 +223,11 @@ class IngestPipeline:
         Returns False if `stop` was set before it started.
         """
         started = time.monotonic()
-        producer = await self._started(
+
+        def failed() -> None:
+            self.attempts += 1
+
+        producer = await start_with_retry(
             lambda: AIOKafkaProducer(
                 bootstrap_servers=self.config.kafka_bootstrap,
                 client_id="roomcast-chat",
@@ -248,6 +238,8 @@ class IngestPipeline:
             ),
             lambda producer: producer.start(),
             stop,
+            what="the chat producer", bootstrap=self.config.kafka_bootstrap, retry=self.settings.connect_retry,
+            on_failure=failed,
         )
         if producer is None:
             return False
@@ -255,79 +247,20 @@ class IngestPipeline:
         log.info("producing %s to %s (connected in %.1f s)", CREATED_TOPIC, self.config.kafka_bootstrap, time.monotonic() - started)
         return True
 
-    async def _open_consumer(self, stop: asyncio.Event) -> AIOKafkaConsumer | None:
-        """A started consumer in group chat-service, retrying while Kafka is away; None once `stop` is set."""
-        t = self.tuning
-        session_ms = self.config.kafka_session_timeout_ms
-        # A killed predecessor of this instance would hold its partitions until
-        # its session expires; a static member's are given back to it anyway.
-        if not self.config.kafka_static_membership:
-            await self._member_file.fence_previous()
-        started = time.monotonic()
+    async def run(self, stop: asyncio.Event) -> None:
+        """Process batches until `stop` is set. Call after connect() returned True.
 
-        def make() -> AIOKafkaConsumer:
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.config.kafka_bootstrap,
-                client_id="roomcast-chat",
-                group_id=CHAT_GROUP,
-                group_instance_id=self._instance_id if self.config.kafka_static_membership else None,
-                enable_auto_commit=False,  # commit only after store and produce
-                auto_offset_reset="earliest",  # never "latest": broken on Tansu, and loses posts
-                fetch_max_wait_ms=self.config.fetch_max_wait_ms,
-                max_poll_records=self.config.batch_max,
-                session_timeout_ms=session_ms,
-                heartbeat_interval_ms=min(t.heartbeat_interval_ms, session_ms // 3),
-                rebalance_timeout_ms=t.rebalance_timeout_ms,
-                request_timeout_ms=t.request_timeout_ms + session_ms,
-            )
-            consumer.subscribe([INGEST_TOPIC], listener=_Listener(self, consumer))
-            return consumer
-
-        consumer = await self._started(make, self._member_file.start, stop)
-        if consumer is not None:
-            self._consumer = consumer
-            log.info(
-                "consuming %s as group %s from %s (joined in %.1f s)",
-                INGEST_TOPIC, CHAT_GROUP, self.config.kafka_bootstrap, time.monotonic() - started,
-            )
-        return consumer
-
-    async def _started(
-        self, make: Callable[[], Client], start: Callable[[Client], Awaitable[None]], stop: asyncio.Event
-    ) -> Client | None:
-        """make() a Kafka client and start() it, retrying with backoff while Kafka is away.
-
-        None once `stop` is set. Cancelled (the watchdog gave up on a join that
-        hangs), it closes the client it was starting. Each failed attempt counts
-        as progress for the watchdog: a member that cannot reach Kafka waits.
+        Returns once the in-flight batch is committed or abandoned. Transient
+        Kafka and store failures are retried here; raises ConsumerStalled
+        when rejoining did not help (roomcast.kafka.consumer), and any
+        unexpected exception (a bug).
         """
-        t = self.tuning
-        delay = t.retry_initial_s
-        attempt = 0
-        while not stop.is_set():
-            attempt += 1
-            self._attempts += 1
-            client = make()
-            try:
-                await _until_stopped(start(client), stop)
-                return client
-            except (KafkaError, OSError, TimeoutError, _Stopped) as exc:
-                await _stop_quietly(client)
-                if isinstance(exc, _Stopped):
-                    return None
-                log.warning(
-                    "kafka at %s is not reachable (attempt %d: %s); retrying in %.1f s",
-                    self.config.kafka_bootstrap, attempt, exc or type(exc).__name__, delay,
-                )
-                await _sleep_unless(stop, delay)
-                delay = min(delay * 2, t.connect_retry_max_s)
-            except BaseException:
-                await _stop_quietly(client)
-                raise
-        return None
+        if self._producer is None:
+            raise RuntimeError("connect() first")
+        await super().run(stop)
 
     async def aclose(self) -> None:
-        """Leave the group, flush and close the producer. Idempotent.
+        """Leave the group if still in it, flush and close the producer. Idempotent.
 
         Call after run() returned: the in-flight batch is then finished or
         abandoned, and what was done is committed.
@@ -335,93 +268,32 @@ class IngestPipeline:
         if self._closed:
             return
         self._closed = True
-        consumer, producer = self._consumer, self._producer
-        self._consumer = self._producer = None
-        if consumer is not None:
-            await self._close_consumer(consumer)
-        await _stop_quietly(producer)
+        if self.consumer is not None:
+            await self._close(self.consumer)
+        producer, self._producer = self._producer, None
+        await stop_quietly(producer)
 
-    async def _close_consumer(self, consumer: AIOKafkaConsumer) -> None:
-        self._in_group = False
-        await _leave_generation_zero(consumer)
-        try:
-            await asyncio.wait_for(consumer.stop(), self.tuning.revoke_grace_s + 2.0)
-            self._member_file.forget()
-        except Exception as exc:  # a stuck member must not hold its successor back
-            log.warning("closing the consumer failed (%r); its session will expire", exc)
-        if self._consumer is consumer:
-            self._consumer = None
+    # ---- a batch ----------------------------------------------------------------
 
-    # ---- the loop -------------------------------------------------------------
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Process batches until `stop` is set. Call after connect() returned True.
-
-        Returns once the in-flight batch is committed or abandoned. Transient
-        Kafka and store failures are retried here; a member stuck out of its
-        group, or without progress while records wait, rejoins with a fresh
-        consumer (roomcast.watchdog). Raises ConsumerStalled when rejoining
-        did not help, and any unexpected exception (a bug).
-        """
-        if self._producer is None:
-            raise RuntimeError("connect() first")
-
-        self.member = WatchedMember(
-            "the ingest pipeline",
-            self.watchdog,
-            connect=lambda: self._open_consumer(stop),
-            consume=lambda consumer: self._consume(consumer, stop),
-            close=self._close_consumer,
-            state=self._member_state,
-            stop=stop,
-            stop_grace_s=self.tuning.shutdown_grace_s + self.tuning.revoke_grace_s,
-            topic=INGEST_TOPIC,
-        )
-        await self.member.run()
-
-    async def _consume(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
-        delay = self.tuning.retry_initial_s
-        while not stop.is_set():
-            try:
-                batch = await consumer.getmany(
-                    timeout_ms=self.tuning.poll_timeout_ms, max_records=self.config.batch_max
-                )
-            except KafkaError as exc:
-                log.warning("fetch from %s failed (%s); retrying in %.1f s", INGEST_TOPIC, exc, delay)
-                await _sleep_unless(stop, delay)
-                delay = min(delay * 2, self.tuning.retry_max_s)
-                continue
-            delay = self.tuning.retry_initial_s
-            batch = await contiguous(consumer, self._offsets, batch)
-            for tp, messages in batch.items():
-                self._positions[tp] = messages[-1].offset + 1
-            if batch:
-                await self._handle(batch, stop)
-
-    async def _handle(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]], stop: asyncio.Event) -> None:
-        epoch = self._epoch
+    async def handle(self, consumer: AIOKafkaConsumer, batch: Fetched, epoch: int) -> None:
         started = time.perf_counter()
-        self._idle.clear()
-        try:
-            records: list[IngestRecord] = []
-            offsets: dict[TopicPartition, int] = {}
-            for tp, messages in batch.items():
-                for message in messages:
-                    record = self._decode(tp, message)
-                    if record is not None:
-                        records.append(record)
-                offsets[tp] = messages[-1].offset + 1
-            self._batches += 1
-            fetched = sum(len(m) for m in batch.values())
-            self._records += fetched
-            self.m_batch_records.observe(fetched)
-            if not await self._store_and_produce(records, epoch, stop):
-                self._abandoned += 1
-                return
-            await self._commit(offsets)
-            self._last_batch_ms = (time.perf_counter() - started) * 1000
-        finally:
-            self._idle.set()
+        records: list[IngestRecord] = []
+        offsets: dict[TopicPartition, int] = {}
+        for tp, messages in batch.items():
+            for message in messages:
+                record = self._decode(tp, message)
+                if record is not None:
+                    records.append(record)
+            offsets[tp] = messages[-1].offset + 1
+        self._batches += 1
+        fetched = sum(len(m) for m in batch.values())
+        self._records += fetched
+        self.m_batch_records.observe(fetched)
+        if not await self._store_and_produce(records, epoch):
+            self._abandoned += 1
+            return
+        await self._commit(consumer, offsets)
+        self._last_batch_ms = (time.perf_counter() - started) * 1000
 
     def _decode(self, tp: TopicPartition, message: ConsumerRecord[bytes, bytes]) -> IngestRecord | None:
         value, offset = message.value, message.offset
@@ -443,7 +315,7 @@ class IngestPipeline:
             return None
         return record
 
-    async def _store_and_produce(self, records: list[IngestRecord], epoch: int, stop: asyncio.Event) -> bool:
+    async def _store_and_produce(self, records: list[IngestRecord], epoch: int) -> bool:
         """True once every record is stored and its event acked; False if the batch was abandoned."""
         t = self.tuning
         delay = t.retry_initial_s
@@ -452,7 +324,7 @@ class IngestPipeline:
         # records back as duplicates, but this batch stored them.
         created = [False] * len(records)
         while True:
-            if epoch != self._epoch:
+            if epoch != self.epoch:
                 log.warning("partitions were revoked mid-batch: abandoning it uncommitted (%d records)", len(records))
                 return False
             try:
@@ -461,7 +333,7 @@ class IngestPipeline:
                 if stored:
                     self.m_store.observe(time.perf_counter() - started)
                 created = [c or s.created for c, s in zip(created, stored)]
-                if epoch != self._epoch:
+                if epoch != self.epoch:
                     continue  # revoked while storing: the new owner produces these
                 started = time.perf_counter()
                 await self._produce(stored)
@@ -471,9 +343,9 @@ class IngestPipeline:
                 self._duplicates += len(created) - sum(created)
                 return True
             except _TRANSIENT as exc:
-                self._retries += 1
+                self.retries += 1
                 now = time.monotonic()
-                if stop.is_set():
+                if self.stopping:
                     give_up_at = give_up_at or now + t.shutdown_grace_s
                     if now >= give_up_at:
                         log.warning("stopping: abandoning a failing batch uncommitted (%d records)", len(records))
@@ -500,9 +372,7 @@ class IngestPipeline:
                 raise result
         self._produced += len(futures)
 
-    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
-        consumer = self._consumer
-        assert consumer is not None
+    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
         try:
             await consumer.commit(offsets)
             self._commits += 1
@@ -511,96 +381,6 @@ class IngestPipeline:
             # last commit, and dedupe makes that harmless.
             self._commit_failures += 1
             log.warning("commit of %s failed (%s); those records will be re-consumed", _describe(offsets), exc)
-
-    # ---- rebalance --------------------------------------------------------------
-
-    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        if not self._idle.is_set():
-            log.info("partitions revoked mid-batch; waiting up to %.1f s for it to finish", self.tuning.revoke_grace_s)
-            try:
-                await asyncio.wait_for(self._idle.wait(), self.tuning.revoke_grace_s)
-            except TimeoutError:
-                pass  # the batch sees the new epoch and abandons itself
-        self._epoch += 1
-        self._positions.clear()  # refreshed after the next fetch
-        self._offsets.forget(revoked)
-        if revoked:
-            log.info("partitions revoked: %s", _describe_tps(revoked))
-
-    def _on_assigned(self, consumer: AIOKafkaConsumer, assigned: set[TopicPartition]) -> None:
-        self._offsets.forget(assigned)  # they start from their committed offsets
-        self._in_group = True
-        self._member_file.track(consumer)
-        log.info("partitions assigned: %s", _describe_tps(assigned) or "none")
-
-
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, pipeline: IngestPipeline, consumer: AIOKafkaConsumer) -> None:
-        self._pipeline = pipeline
-        self._consumer = consumer
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self._pipeline._in_group = False
-        await self._pipeline._on_revoked(set(revoked))
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._pipeline._on_assigned(self._consumer, set(assigned))
-
-
-class _Stopped(Exception):
-    pass
-
-
-async def _until_stopped(coro: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
-    """Await `coro`; raise _Stopped (after cancelling it) if `stop` is set first."""
-    task = asyncio.ensure_future(coro)
-    waiter = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiter.cancel()
-    if task.done():
-        task.result()
-        return
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)  # still raises if we are cancelled ourselves
-    raise _Stopped()
-
-
-async def _sleep_unless(stop: asyncio.Event, delay_s: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), delay_s)
-    except TimeoutError:
-        pass
-
-
-async def _stop_quietly(*clients: AIOKafkaConsumer | AIOKafkaProducer | None) -> None:
-    for client in clients:
-        if client is None:
-            continue
-        try:
-            await client.stop()
-        except Exception as exc:  # closing: nothing left to save
-            log.warning("closing %s failed: %s", type(client).__name__, exc)
-
-
-async def _leave_generation_zero(consumer: AIOKafkaConsumer) -> None:
-    """Send LeaveGroup when the generation is 0, which aiokafka skips (Tansu starts at 0).
-
-    Without it the next member waits out this one's session timeout (~11 s
-    measured with a 6 s session). Real Kafka starts at generation 1: no-op.
-    """
-    coordinator = getattr(consumer, "_coordinator", None)
-    if coordinator is None or getattr(coordinator, "generation", None) != 0 or not coordinator.member_id:
-        return
-    try:
-        await asyncio.wait_for(coordinator._send_req(LeaveGroupRequest(coordinator.group_id, coordinator.member_id)), 2.0)
-    except Exception as exc:
-        log.debug("LeaveGroup for generation 0 failed: %s", exc)
-
-
-def _describe_tps(tps: set[TopicPartition]) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps))
 
 
 def _describe(offsets: dict[TopicPartition, int]) -> str:

@@ -53,6 +53,7 @@ from gateway.core.framing import (
     PeerClose,
     SendPong,
     TextMessage,
+    frame_extent,
 )
 
 __all__ = [
@@ -339,7 +340,7 @@ class _ReadSplitter(asyncio.BufferedProtocol):
     def _walk(self, view: memoryview, pos: int, nbytes: int) -> None:
         # The general walk, from a frame header at view[pos].
         while pos < nbytes:
-            extent = _frame_extent(view, pos, nbytes)
+            extent = frame_extent(view, pos, nbytes)
             if extent is None:
                 self._head = view[pos:nbytes].tobytes()
                 self._skip = 0
@@ -364,7 +365,7 @@ class _ReadSplitter(asyncio.BufferedProtocol):
         view = self._get_buffer(-1)
         head = self._head
         buf = head + view[: min(nbytes, 14)].tobytes()
-        extent = _frame_extent(buf, 0, len(buf))
+        extent = frame_extent(buf, 0, len(buf))
         if extent is None:
             self._head = buf
             self._buffer_updated(nbytes)
@@ -407,37 +408,6 @@ class _ReadSplitter(asyncio.BufferedProtocol):
             free[:count] = rest[:count]
             rest = rest[count:]
             self._buffer_updated(count)
-
-
-# Opcodes picows parses (RFC 6455 5.2); it refuses the others.
-_KNOWN_OPCODES: Final = frozenset((0x0, 0x1, 0x2, 0x8, 0x9, 0xA))
-
-
-def _frame_extent(buf: bytes | memoryview, pos: int, end: int) -> int | None:
-    # RFC 6455 5.2: the size on the wire (header, mask key, payload) of the
-    # frame whose header starts at buf[pos]; None if buf[pos:end] does not
-    # hold the whole header; -1 if picows refuses the header (reserved
-    # opcode, fragmented control frame, control payload over 125 bytes).
-    if end - pos < 2:
-        return None
-    first = buf[pos]
-    second = buf[pos + 1]
-    opcode = first & 0x0F
-    length = second & 0x7F
-    if opcode not in _KNOWN_OPCODES or (opcode >= OP_CLOSE and (not first & 0x80 or length > 125)):
-        return -1
-    header = 6 if second & 0x80 else 2
-    if length == 126:
-        if end - pos < 4:
-            return None
-        length = (buf[pos + 2] << 8) | buf[pos + 3]
-        header += 2
-    elif length == 127:
-        if end - pos < 10:
-            return None
-        length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-        header += 8
-    return header + length
 
 
 class EchoListener(FramedListener):

@@ -9,27 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from roomcast.kafka import consumer_lag, contiguous
-from roomcast.membership import ConsumerStalled, MemberFile, WatchedMember
-from roomcast.offsets import OffsetGapGuard
-from roomcast.watchdog import ConsumerWatchdog, stall_bound_s
+from roomcast.kafka.clients import Retry, start_with_retry
+from roomcast.kafka.consumer import GroupConsumer, MemberSettings
+from roomcast.kafka.membership import ConsumerStalled
+from roomcast.kafka.offsets import Fetched
 from roomcast.wire.events import CREATED_TOPIC, GATEWAY_GROUP, INGEST_TOPIC
 
 __all__ = ["IngestProducer", "CreatedRelay"]
 
 log = logging.getLogger("roomcast.gateway.kafka")
 
-
-async def _backoff(delay: float, max_s: float = 5.0) -> float:
-    await asyncio.sleep(delay * (0.5 + random.random()))
-    return min(delay * 2, max_s)
+# While the broker is away the gateway keeps serving joins and fan-out; it
+# tries again at most every 5 s.
+CONNECT_RETRY = Retry(0.1, 5.0)
 
 
 class IngestProducer:
@@ -42,7 +39,7 @@ class IngestProducer:
         self.client_id = client_id
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
-        self._closing = False
+        self._closing = asyncio.Event()
 
     @property
     def ready(self) -> bool:
@@ -54,9 +51,8 @@ class IngestProducer:
             self._task = asyncio.get_running_loop().create_task(self._connect(), name="ingest-producer")
 
     async def _connect(self) -> None:
-        delay = 0.1
-        while not self._closing:
-            producer = AIOKafkaProducer(
+        producer = await start_with_retry(
+            lambda: AIOKafkaProducer(
                 bootstrap_servers=self.bootstrap,
                 client_id=self.client_id,
                 acks="all",
@@ -64,17 +60,14 @@ class IngestProducer:
                 enable_idempotence=False,  # the embedded broker has no InitProducerId
                 request_timeout_ms=max(1000, int(self.timeout_s * 1000)),
                 retry_backoff_ms=50,
-            )
-            try:
-                await producer.start()
-            except Exception as exc:
-                await producer.stop()
-                log.warning("kafka %s unreachable for the producer (%s); retrying", self.bootstrap, exc)
-                delay = await _backoff(delay)
-                continue
+            ),
+            lambda producer: producer.start(),
+            self._closing,
+            what="the ingest producer", bootstrap=self.bootstrap, retry=CONNECT_RETRY,
+        )
+        if producer is not None:
             self._producer = producer
             log.info("ingest producer connected to %s", self.bootstrap)
-            return
 
     async def post(self, key: bytes, value: bytes) -> bool:
         """Produce one record and wait for the broker's ack. False: not accepted now."""
@@ -90,7 +83,7 @@ class IngestProducer:
 
     async def aclose(self) -> None:
         """Flush what is queued and close. Idempotent."""
-        self._closing = True
+        self._closing.set()
         if self._task is not None and not self._task.done():
             self._task.cancel()
             try:
@@ -116,49 +109,19 @@ REVOKE_GRACE_S = 2.0
 BATCH_STEP_TIMEOUT_S = 5.0
 
 
-class _Membership(ConsumerRebalanceListener):
-    """Tracks the member's assignment; a revocation waits (bounded) for the in-flight batch."""
-
-    def __init__(self, relay: CreatedRelay, consumer: AIOKafkaConsumer) -> None:
-        self.relay = relay
-        self.consumer = consumer
-
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        relay = self.relay
-        relay.in_group = False
-        try:
-            await asyncio.wait_for(relay._batch_lock.acquire(), REVOKE_GRACE_S)
-        except asyncio.TimeoutError:
-            log.warning(
-                "a batch held up the revocation of %s for %.0f s; going on without it",
-                sorted(tp.partition for tp in revoked), REVOKE_GRACE_S,
-            )
-        else:
-            relay._batch_lock.release()
-        relay.offsets.forget(revoked)
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        relay = self.relay
-        relay.offsets.forget(assigned)  # they start from their committed offsets
-        relay.in_group = True
-        relay.member_file.track(self.consumer)
-        log.info("message.created partitions assigned: %s", sorted(tp.partition for tp in assigned))
-
-
-class CreatedRelay:
+class CreatedRelay(GroupConsumer):
     """Reads message.created in group realtime-gateway-group and PUBLISHes each event.
 
     One ordered pipeline: a batch's records are published in partition order,
-    then its offsets are committed; a failed publish rewinds the partitions and
-    retries, so nothing is skipped. Redeliveries are dropped by seq at every
-    gateway.
-
-    Liveness: a watchdog (roomcast.watchdog) rejoins with a fresh consumer
-    when the member is out of a settled group, or stuck with records waiting,
-    for longer than a bound derived from the group timeouts; after two such
-    rejoins `run` ends with ConsumerStalled and `on_stalled` is called (the
-    worker exits non-zero so its supervisor starts a fresh one).
+    then its offsets are committed; a failed publish fetches the batch again,
+    so nothing is skipped. Redeliveries are dropped by seq at every gateway.
+    Membership, liveness and rebalances are roomcast.kafka.consumer's; when
+    rejoining did not help, `on_stalled` is called (the worker exits non-zero
+    so its supervisor starts a fresh one).
     """
+
+    # A PUBLISH to a Redis that is away, a commit refused: fetch the batch again.
+    retriable = (Exception,)
 
     def __init__(
         self,
@@ -169,171 +132,64 @@ class CreatedRelay:
         client_id: str,
         group_id: str = GATEWAY_GROUP,
         session_timeout_ms: int = 6000,
-        static_member_id: str | None = None,
+        static_membership: bool = False,
         max_records: int = 1000,
         on_stalled: Callable[[ConsumerStalled], None] | None = None,
     ) -> None:
-        self.bootstrap = bootstrap
-        self.publish = publish
-        self.fetch_max_wait_ms = fetch_max_wait_ms
-        self.client_id = client_id
-        self.group_id = group_id
-        self.session_timeout_ms = session_timeout_ms
-        # A relay's batch takes milliseconds and its revocation waits at most
-        # REVOKE_GRACE_S: a member not back within a session is gone.
-        self.rebalance_timeout_ms = session_timeout_ms
-        self.static_member_id = static_member_id
-        self.max_records = max_records
-        self.on_stalled = on_stalled
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._stop = asyncio.Event()
-        self._batch_lock = asyncio.Lock()
-        self.published = 0
-        self.fetched = 0  # records handed out by the consumer: the watchdog's progress
-        self.attempts = 0  # failed connection attempts: progress too, while the broker is away
-        self.connected = False
-        self.in_group = False
-        self._next_offset: dict[TopicPartition, int] = {}
-        # Holds back records past a hole in a partition's offsets (the embedded
-        # broker can show a later record before an earlier one: roomcast.offsets).
-        self.offsets = OffsetGapGuard()
-        self.member_file = MemberFile(bootstrap, group_id, client_id)
-        self.member = WatchedMember(
+        super().__init__(
             "the message.created relay",
-            ConsumerWatchdog(
-                stall_bound_s(session_timeout_ms, self.rebalance_timeout_ms), orphan_after_s=session_timeout_ms / 1000
+            MemberSettings(
+                bootstrap=bootstrap,
+                group=group_id,
+                topic=CREATED_TOPIC,
+                client_id=client_id,
+                member_name=client_id,
+                session_timeout_ms=session_timeout_ms,
+                # A batch takes milliseconds and its revocation waits at most
+                # REVOKE_GRACE_S: a member not back within a session is gone.
+                rebalance_timeout_ms=session_timeout_ms,
+                heartbeat_interval_ms=max(300, session_timeout_ms // 6),
+                fetch_max_wait_ms=fetch_max_wait_ms,
+                max_records=max_records,
+                static=static_membership,
+                revoke_grace_s=REVOKE_GRACE_S,
+                retry=CONNECT_RETRY,
+                connect_retry=CONNECT_RETRY,
             ),
-            connect=self._open,
-            consume=self._consume,
-            close=self._close,
-            state=self._member_state,
-            stop=self._stop,
-            topic=CREATED_TOPIC,
         )
-
-    def _member_state(self) -> tuple[bool, int, int]:
-        if self._consumer is not None:
-            self.member_file.track(self._consumer)
-        return self.in_group, self.lag(), self.fetched + self.attempts
-
-    @property
-    def live(self) -> bool:
-        """Connected and not stuck for longer than a session (feeds readiness)."""
-        return self.connected and self.member.stalled_for() * 1000 < self.session_timeout_ms
+        self.publish = publish
+        self.on_stalled = on_stalled
+        self.published = 0
+        self._task: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
 
     async def start(self) -> None:
-        if self._task is None and self.bootstrap:
+        """Join in the background (the worker serves joins and fan-out meanwhile). Idempotent."""
+        if self._task is None and self.settings.bootstrap:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="created-relay")
 
     async def _run(self) -> None:
         try:
-            await self.member.run()
+            await self.run(self._closing)
         except ConsumerStalled as exc:
             log.error("%s; giving up", exc)
             if self.on_stalled is not None:
                 self.on_stalled(exc)
 
-    async def _open(self) -> AIOKafkaConsumer | None:
-        # A previous incarnation of this worker killed -9 would otherwise hold
-        # its partitions until its session expires. A static member needs no
-        # fence: the broker gives its partitions back to its successor.
-        if self.static_member_id is None:
-            await self.member_file.fence_previous()
-        delay = 0.1
-        while not self._stop.is_set():
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.bootstrap,
-                group_id=self.group_id,
-                client_id=self.client_id,
-                group_instance_id=self.static_member_id,
-                enable_auto_commit=False,
-                # Start from earliest + committed offsets: latest is wrong on the
-                # embedded broker, and the gateways' seq check drops replays.
-                auto_offset_reset="earliest",
-                fetch_max_wait_ms=self.fetch_max_wait_ms,
-                session_timeout_ms=self.session_timeout_ms,
-                heartbeat_interval_ms=max(300, self.session_timeout_ms // 6),
-                rebalance_timeout_ms=self.rebalance_timeout_ms,
-                max_poll_interval_ms=max(60_000, self.rebalance_timeout_ms),
-            )
-            consumer.subscribe([CREATED_TOPIC], listener=_Membership(self, consumer))
-            try:
-                await self.member_file.start(consumer)
-            except Exception as exc:
-                await consumer.stop()
-                self.attempts += 1
-                log.warning("kafka %s unreachable for the relay (%s); retrying", self.bootstrap, exc)
-                delay = await _backoff(delay)
-                continue
-            except BaseException:  # cancelled: the watchdog gave up on this join
-                await asyncio.wait_for(consumer.stop(), BATCH_STEP_TIMEOUT_S)
-                raise
-            self._consumer = consumer
-            self.connected = True
-            return consumer
-        return None
-
-    async def _close(self, consumer: AIOKafkaConsumer) -> None:
-        """Leave the group (bounded: a stuck member must not hold its successor back)."""
-        self.in_group = False
-        self.connected = False
-        self._consumer = None
-        self._next_offset.clear()
-        self.offsets.forget(list(consumer.assignment()))
-        try:
-            await asyncio.wait_for(consumer.stop(), BATCH_STEP_TIMEOUT_S)
-            self.member_file.forget()
-        except Exception as exc:
-            log.warning("closing the relay consumer failed (%r); its session will expire", exc)
-
-    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
-        delay = 0.1
-        while not self._stop.is_set():
-            try:
-                batches = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
-            except KafkaError as exc:
-                log.warning("fetching message.created failed (%s); retrying", exc)
-                delay = await _backoff(delay)
-                continue
-            if not batches:
-                continue
-            self.fetched += sum(len(rs) for rs in batches.values())
-            async with self._batch_lock:
-                batches = await contiguous(consumer, self.offsets, batches)
-                if not batches:
-                    continue
-                try:
-                    await self._relay(consumer, batches)
-                    delay = 0.1
-                    continue
-                except Exception as exc:
-                    log.warning("relaying message.created failed (%r); rewinding and retrying", exc)
-                    for tp, records in batches.items():
-                        if tp in consumer.assignment():
-                            consumer.seek(tp, records[0].offset)
-                            self.offsets.expect(tp, records[0].offset)
-            delay = await _backoff(delay)  # outside the lock: a revocation need not wait for it
-
-    async def _relay(self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+    async def handle(self, consumer: AIOKafkaConsumer, batch: Fetched, epoch: int) -> None:
         # One PUBLISH pipeline and one commit for the whole fetch: each
         # partition's records stay in order inside the pipeline, and a commit
         # per partition would cost a broker round trip each.
-        records = [(r.key or b"", r.value or b"") for rs in batches.values() for r in rs]
+        records = [(r.key or b"", r.value or b"") for rs in batch.values() for r in rs]
         await asyncio.wait_for(self.publish(records), BATCH_STEP_TIMEOUT_S)
         self.published += len(records)
-        offsets = {tp: rs[-1].offset + 1 for tp, rs in batches.items()}
-        await asyncio.wait_for(consumer.commit(offsets), BATCH_STEP_TIMEOUT_S)
-        self._next_offset.update(offsets)
-
-    def lag(self) -> int:
-        """Records of message.created on this worker's partitions not yet handed to the relay."""
-        consumer = self._consumer
-        return 0 if consumer is None else consumer_lag(consumer, self._next_offset)
+        if epoch != self.epoch:
+            return  # revoked meanwhile: the new owner relays these again (dropped by seq)
+        await asyncio.wait_for(consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items()}), BATCH_STEP_TIMEOUT_S)
 
     async def aclose(self) -> None:
         """Finish the in-flight batch, commit, leave the group. Idempotent."""
-        self._stop.set()
+        self._closing.set()
         if self._task is not None:
             try:
                 await self._task

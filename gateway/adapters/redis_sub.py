@@ -24,15 +24,13 @@ from collections import deque
 from collections.abc import Callable
 from urllib.parse import unquote, urlparse
 
-import hiredis
+from gateway.adapters.resp_push import MessageBatch, PushReader
 
-__all__ = ["RedisSubscriber", "encode_command", "CONTROL_CHANNEL"]
+__all__ = ["RedisSubscriber", "MessageBatch", "encode_command", "CONTROL_CHANNEL"]
 
 log = logging.getLogger("roomcast.gateway.redis")
 
 CONTROL_CHANNEL = b"roomcast:control"
-
-MessageBatch = dict[bytes, list[bytes]]
 
 
 def encode_command(*args: bytes) -> bytes:
@@ -46,13 +44,12 @@ def encode_command(*args: bytes) -> bytes:
 # One read takes up to this much: under load a bigger read brings more
 # messages per room, which are framed once and written once per socket.
 READ_BUFFER_BYTES = 4 * 1024 * 1024
-FEED_BYTES = 16 * 1024
 
 
 class _SubscriberProtocol(asyncio.BufferedProtocol):
     def __init__(self, owner: RedisSubscriber) -> None:
         self.owner = owner
-        self.reader = hiredis.Reader()
+        self.reader = PushReader()
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray(READ_BUFFER_BYTES)
 
@@ -63,47 +60,28 @@ class _SubscriberProtocol(asyncio.BufferedProtocol):
         return self.buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        # hiredis compacts its buffer after every reply it returns, so feeding
-        # it a whole big read costs O(read size) per reply; slices of
-        # FEED_BYTES keep that cost small. The batch still spans the read.
-        reader = self.reader
-        buffer = self.buffer
-        batch: MessageBatch = {}
+        read = self.reader.read(self.buffer, nbytes)
         owner = self.owner
-        for offset in range(0, nbytes, FEED_BYTES):
-            reader.feed(buffer, offset, min(FEED_BYTES, nbytes - offset))
-            while True:
-                reply = reader.gets()
-                if reply is False:
-                    break
-                if type(reply) is list:
-                    kind = reply[0]
-                    if kind == b"message" or kind == b"smessage":
-                        channel = reply[1]
-                        queue = batch.get(channel)
-                        if queue is None:
-                            batch[channel] = [reply[2]]
-                        else:
-                            queue.append(reply[2])
-                        continue
-                    if kind == b"subscribe" or kind == b"ssubscribe":
-                        owner._confirmed(reply[1])
-                        continue
-                    if kind == b"pong":
-                        owner._pong()
-                        continue
-                    # unsubscribe confirmations need no action
-                elif isinstance(reply, hiredis.ReplyError):
-                    log.error("redis refused a subscriber command: %s", reply)
-                    if str(reply).startswith("MOVED"):
-                        owner._moved()
-                elif reply == b"PONG":  # PING outside subscribed mode (no channel yet)
-                    owner._pong()
-        if batch:
+        for channel in read.confirmed:
+            owner._confirmed(channel)
+        if read.pongs:
+            owner._pong()
+        for error in read.errors:
+            log.error("redis refused a subscriber command: %s", error)
+            if error.startswith("MOVED"):
+                owner._moved()
+        if read.malformed:
+            log.warning("skipped %d redis replies of an unexpected shape", read.malformed)
+        if read.messages:
             try:
-                owner.on_messages(batch)
+                owner.on_messages(read.messages)
             except Exception:
                 log.exception("fan-out of a redis read failed")
+        if read.protocol_error is not None and self.transport is not None:
+            # hiredis cannot find the next reply after bytes it could not
+            # parse: reconnect, which re-subscribes and checks rooms for a gap.
+            log.error("redis sent bytes that are not RESP (%s); dropping the connection", read.protocol_error)
+            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner._lost(self, exc)

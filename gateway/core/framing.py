@@ -40,6 +40,7 @@ __all__ = [
     "Fail",
     "PeerClose",
     "is_valid_close_code",
+    "frame_extent",
 ]
 
 # RFC 6455 section 5.2 / 11.8: opcodes.
@@ -69,6 +70,9 @@ _VALID_LOW_CLOSE_CODES: Final = frozenset(
 )
 
 _new_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+# RFC 6455 5.2: the defined opcodes; frame parsers (picows) refuse the others.
+_DEFINED_OPCODES: Final = frozenset((OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG))
 
 
 def is_valid_close_code(code: int) -> bool:
@@ -333,3 +337,34 @@ def _pending_is_surrogate(decoder: codecs.IncrementalDecoder) -> bool:
     # a fragment ending in half a surrogate fails fast too.
     pending = decoder.getstate()[0]
     return len(pending) >= 2 and pending[0] == 0xED and pending[1] >= 0xA0
+
+
+def frame_extent(buf: bytes | bytearray | memoryview, pos: int, end: int) -> int | None:
+    """The size on the wire (header, mask key, payload) of the frame whose
+    header starts at ``buf[pos]`` (RFC 6455 5.2).
+
+    None if ``buf[pos:end]`` does not hold the whole header; -1 if picows
+    refuses the header from the header alone (reserved opcode, fragmented
+    control frame, control payload over 125 bytes). The read splitter of
+    ``gateway.adapters.framed`` walks socket reads with it.
+    """
+    if end - pos < 2:
+        return None
+    first = buf[pos]
+    second = buf[pos + 1]
+    opcode = first & 0x0F
+    length = second & 0x7F
+    if opcode not in _DEFINED_OPCODES or (opcode >= OP_CLOSE and (not first & 0x80 or length > 125)):
+        return -1
+    header = 6 if second & 0x80 else 2
+    if length == 126:
+        if end - pos < 4:
+            return None
+        length = (buf[pos + 2] << 8) | buf[pos + 3]
+        header += 2
+    elif length == 127:
+        if end - pos < 10:
+            return None
+        length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+        header += 8
+    return header + length

@@ -275,7 +275,9 @@ class RoomRegistry:
             for payload in payloads:
                 try:
                     seq = _seq_decoder.decode(payload).seq
-                except (msgspec.DecodeError, ValueError):
+                except (msgspec.DecodeError, ValueError, RecursionError):
+                    # RecursionError: absurd nesting, even in a skipped field.
+                    # The general path counts it as malformed.
                     break
                 if seq != last + 1:
                     break

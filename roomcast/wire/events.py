@@ -76,6 +76,11 @@ _event_decoder = msgspec.json.Decoder(MessageEvent)
 _ingest_decoder = msgspec.json.Decoder(IngestRecord)
 _seq_decoder = msgspec.json.Decoder(EventSeq)
 
+# What msgspec raises besides DecodeError: RecursionError for absurd nesting
+# (even inside a field it skips), UnicodeEncodeError for a str holding a lone
+# surrogate. Callers catch DecodeError only, so these become one.
+_NOT_JSON = (RecursionError, UnicodeEncodeError)
+
 
 def encode_event(event: MessageEvent) -> bytes:
     return _event_encoder.encode(event)
@@ -83,7 +88,10 @@ def encode_event(event: MessageEvent) -> bytes:
 
 def decode_event(data: bytes | str) -> MessageEvent:
     """Raises msgspec.DecodeError (a ValueError) on bad JSON or schema."""
-    return _event_decoder.decode(data)
+    try:
+        return _event_decoder.decode(data)
+    except _NOT_JSON as exc:
+        raise msgspec.DecodeError(f"payload is not JSON: {exc}") from None
 
 
 def encode_ingest(record: IngestRecord) -> bytes:
@@ -92,12 +100,18 @@ def encode_ingest(record: IngestRecord) -> bytes:
 
 def decode_ingest(data: bytes | str) -> IngestRecord:
     """Raises msgspec.DecodeError (a ValueError) on bad JSON or schema."""
-    return _ingest_decoder.decode(data)
+    try:
+        return _ingest_decoder.decode(data)
+    except _NOT_JSON as exc:
+        raise msgspec.DecodeError(f"payload is not JSON: {exc}") from None
 
 
 def decode_event_seq(data: bytes) -> int:
     """The `seq` of an event payload. Raises msgspec.DecodeError if it has none."""
-    return _seq_decoder.decode(data).seq
+    try:
+        return _seq_decoder.decode(data).seq
+    except _NOT_JSON as exc:
+        raise msgspec.DecodeError(f"payload is not JSON: {exc}") from None
 
 
 class _MaybeSeq(msgspec.Struct):
@@ -111,4 +125,7 @@ def decode_optional_seq(data: bytes) -> int | None:
     """The `seq` of an event payload, None for a JSON object without one (a
     third party's unsequenced event, PROTOCOL.md 6.7). Raises msgspec.DecodeError
     for anything that is not a JSON object, or a `seq` that is not an integer."""
-    return _maybe_seq_decoder.decode(data).seq
+    try:
+        return _maybe_seq_decoder.decode(data).seq
+    except _NOT_JSON as exc:
+        raise msgspec.DecodeError(f"payload is not JSON: {exc}") from None

@@ -106,6 +106,14 @@ def _ref_of(text: str | bytes) -> str | None:
 
 def decode_client_frame(text: str | bytes) -> ClientFrame:
     """Parse one client text frame. Raises FrameError(bad_request) when refused."""
+    if type(text) is not str:
+        # msgspec checks UTF-8 only in the strings it keeps: a field it skips
+        # could hold any bytes. JSON text is UTF-8 (RFC 8259 8.1): check it
+        # here. The gateway passes str (picows' layer checked it already).
+        try:
+            text.decode()
+        except UnicodeDecodeError:
+            raise FrameError(ErrorCode.BAD_REQUEST, "frame is not valid UTF-8") from None
     try:
         return _client_decoder.decode(text)
     except msgspec.ValidationError as exc:

@@ -1,4 +1,4 @@
-"""The consumer watchdog (roomcast.watchdog) and the member loop that acts on it (roomcast.kafka.WatchedMember)."""
+"""The consumer watchdog (roomcast.watchdog) and the member loop that acts on it (roomcast.kafka.membership.WatchedMember)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from roomcast.membership import ConsumerStalled, WatchedMember
+from roomcast.kafka.membership import ConsumerStalled, WatchedMember
 from roomcast.watchdog import ConsumerWatchdog, Verdict, stall_bound_s
 
 

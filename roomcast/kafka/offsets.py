@@ -1,7 +1,7 @@
-"""Kafka helpers shared by the gateway and the chat service.
+"""Offsets of a consumer: contiguous fetches, committed offsets, lag, unowned partitions.
 
-Topic set-up, contiguous fetches, committed offsets and lag, read without
-waiting long. The liveness of a group member is roomcast.membership's.
+Each reads without waiting long: a member that waits on the broker inside a
+batch never rejoins a rebalance.
 """
 
 from __future__ import annotations
@@ -12,46 +12,18 @@ import time
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError
 
 from roomcast.offsets import OffsetGapGuard
-from roomcast.wire.events import CREATED_TOPIC, INGEST_TOPIC
 
-__all__ = ["OffsetUnknown", "committed_offset", "consumer_lag", "contiguous", "ensure_topics", "unowned_offsets"]
+__all__ = ["OffsetUnknown", "committed_offset", "consumer_lag", "contiguous", "unowned_offsets"]
 
 Fetched = dict[TopicPartition, list[ConsumerRecord[Any, Any]]]  # what getmany() returns
 
 # How long a consumer pauses before fetching again a partition held back at a hole.
 _HOLE_RETRY_S = 0.005
 
-log = logging.getLogger("roomcast.kafka")
-
-
-async def ensure_topics(bootstrap: str, partitions: int, timeout_s: float = 15.0) -> None:
-    """Create message.ingest and message.created with `partitions` partitions if missing.
-
-    The embedded broker auto-creates topics with 4 partitions on first use, so
-    the dev stack and tests create them explicitly first. In production the
-    topics are declared (k8s KafkaTopic) and this is not called.
-    """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
-    await asyncio.wait_for(admin.start(), timeout_s)
-    try:
-        existing = set(await admin.list_topics())
-        wanted = [
-            NewTopic(name, num_partitions=partitions, replication_factor=1)
-            for name in (INGEST_TOPIC, CREATED_TOPIC)
-            if name not in existing
-        ]
-        if wanted:
-            try:
-                await admin.create_topics(wanted)
-            except TopicAlreadyExistsError:
-                pass
-            log.info("created topics %s with %d partitions", [t.name for t in wanted], partitions)
-    finally:
-        await admin.close()
+log = logging.getLogger("roomcast.kafka.offsets")
 
 
 async def contiguous(consumer: AIOKafkaConsumer, guard: OffsetGapGuard, batch: Fetched) -> Fetched:

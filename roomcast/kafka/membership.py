@@ -27,12 +27,12 @@ from aiokafka.errors import KafkaError
 from aiokafka.protocol.admin import DescribeGroupsRequest
 from aiokafka.protocol.group import LeaveGroupRequest
 
-from roomcast.kafka import unowned_offsets
+from roomcast.kafka.offsets import unowned_offsets
 from roomcast.watchdog import ConsumerWatchdog, Verdict
 
 __all__ = ["ConsumerStalled", "MemberFile", "WatchedMember"]
 
-log = logging.getLogger("roomcast.membership")
+log = logging.getLogger("roomcast.kafka.membership")
 
 
 class ConsumerStalled(RuntimeError):
