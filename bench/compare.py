@@ -13,11 +13,12 @@ How:
 1. Each revision is checked out with `git worktree add --detach` into a
    temporary directory (removed at the end, also on failure or Ctrl-C).
 2. The benchmark *harness* is the current working tree's bench/test_micro.py
-   (and bench/hops.py with --hops), copied next to the worktrees: the
-   measuring code stays the same, only the measured code changes. Each run
-   imports `roomcast`, `gateway` and `chat` from its worktree (PYTHONPATH and
-   cwd; checked before the first round) with this virtualenv's packages;
-   nothing is installed. A benchmark missing in either revision is skipped.
+   (and with --hops bench/hops.py, harness.py and checks.py), copied next to
+   the worktrees: the measuring code stays the same, only the measured code
+   changes. Each run imports `roomcast`, `gateway` and `chat` from its
+   worktree (PYTHONPATH and cwd; checked before the first round) with this
+   virtualenv's packages; nothing is installed. A benchmark missing in
+   either revision is skipped.
 3. Each round runs the micro benchmarks once per revision
    (`--benchmark-only --benchmark-json`) and keeps each benchmark's median.
 4. Per benchmark, B's figure over A's is the ratio; a ratio above
@@ -113,8 +114,11 @@ def _run_micro(rev: Revision, harness: Path, out: Path, args: argparse.Namespace
 
 
 def _run_hops(rev: Revision, harness: Path, out: Path, args: argparse.Namespace) -> None:
-    cmd = [sys.executable, str(harness / "hops.py"), "--smoke", "--hops", args.hops_which, "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=rev.path, env=rev.env(), capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "bench.hops", "--smoke", "--hops", args.hops_which, "--out", str(out)]
+    env = rev.env()
+    env["PYTHONPATH"] = str(harness) + os.pathsep + env["PYTHONPATH"]  # the harness's bench package, the revision's roomcast
+    # cwd: the harness, as `-m` puts the cwd first on the path.
+    proc = subprocess.run(cmd, cwd=harness, env=env, capture_output=True, text=True)
     if not out.exists():
         raise SystemExit(f"bench.compare: bench.hops failed for {rev.rev}:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
     for row in json.loads(out.read_text())["results"]:
@@ -196,8 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         revs = [a, b]
         harness = tmp / "harness"
         harness.mkdir()
-        for name in ("test_micro.py", "conftest.py", "hops.py"):
+        for name in ("test_micro.py", "conftest.py"):
             shutil.copy2(HERE / name, harness / name)
+        # bench.hops with the modules it imports from bench/ (it starts its processes
+        # with the revision's roomcast.devstack: revisions from before it have none).
+        (harness / "bench").mkdir()
+        for name in ("__init__.py", "checks.py", "harness.py", "hops.py"):
+            shutil.copy2(HERE / name, harness / "bench" / name)
         (harness / "pytest.ini").write_text("[pytest]\n")  # not the revision's config: same for both
         for rev in revs:
             rev.add_worktree()

@@ -15,7 +15,7 @@ kafka   (1) produce on message.created -> the gateway's consumer in
         realtime-gateway-group -> PUBLISH -> the gateway -> every member;
         (2) message.send -> ack (the gateway's produce to message.ingest,
         acks=all). Tansu broker, no chat service.
-e2e     the full stack of tests/e2e/stack.py (Redis, Tansu, chat on SQLite,
+e2e     the full stack of roomcast/devstack.py (Redis, Tansu, chat on SQLite,
         gateways with history): message.send on one member of a room ->
         every member of the room, keyed by client_msg_id; also send -> ack.
 
@@ -46,7 +46,6 @@ import bisect
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,7 @@ from typing import Any
 import msgspec
 
 from bench.checks import GROSS_BREACH_FACTOR, over_budget
+from bench.harness import CpuMeter, ProfileCounts, machine_facts, pin, pin_threads, py_spy_record, raise_fd_limit, unpin, wait_py_spy
 
 __all__ = ["main"]
 
@@ -308,59 +308,37 @@ class Fleet:
             await asyncio.sleep(0.01)
         return True
 
+    def poster(self, prefix: str, stamp_wall: bool = False) -> Callable[[str, int, int], None]:
+        """post(room, seq, index): message.send of message `index` (client_msg_id PREFIX-index) from
+        the room's first member, timed from just before the write; stamp_wall: the wall clock too
+        (for the breakdown by the stored event's ts)."""
+        senders = self.senders()
+        text = _text_type()
+
+        def post(room: str, seq: int, index: int) -> None:
+            cmid = f"{prefix}-{index}"
+            frame = b'{"type":"message.send","room":"%s","body":"%s","client_msg_id":"%s"}' % (
+                room.encode(), _BODY.encode(), cmid.encode(),
+            )
+            if stamp_wall:
+                self.sent_wall[cmid] = time.time_ns()
+            self.sent_at[cmid] = time.monotonic_ns()
+            senders[room].transport.send(text, frame)
+
+        return post
+
     def close(self) -> None:
         for m in self.members:
             if m.transport is not None:
                 m.transport.disconnect()
 
 
-# ---- CPU accounting -------------------------------------------------------------------------
-
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _proc_cpu_s(pid: int) -> float:
-    """utime + stime of a process and its threads, in seconds (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def _machine_busy_s() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot (/proc/stat)."""
-    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = parts[3] + parts[4]
-    total = sum(parts[:8])
-    return (total - idle) / _TICK, total / _TICK
-
-
-class CpuMeter:
-    """CPU used by named processes over the measured phase, and by everything else on the box.
-
-    `others_cores` is the CPU the rest of the machine used meanwhile (other
-    engineers' runs on a shared box): a high figure means a noisy run.
-    """
-
-    def __init__(self, procs: dict[str, int]) -> None:
-        self.procs = {"bench clients": os.getpid(), **procs}
-        self.start_cpu = {name: _proc_cpu_s(pid) for name, pid in self.procs.items()}
-        self.start_busy = _machine_busy_s()
-        self.start = time.monotonic()
-
-    def stop(self) -> dict[str, Any]:
-        wall = time.monotonic() - self.start
-        used = {name: _proc_cpu_s(pid) - self.start_cpu[name] for name, pid in self.procs.items()}
-        busy, _ = _machine_busy_s()
-        ours = sum(v for v in used.values() if v == v)
-        machine = busy - self.start_busy[0]
-        return {
-            "cpu_cores": {name: round(v / wall, 3) for name, v in used.items()},
-            "others_cores": round(max(0.0, machine - ours) / wall, 3),
-            "machine_busy_cores": round(machine / wall, 3),
-        }
+async def _release(fleet: Fleet | None) -> None:
+    """The end of a hop: this process back on every core, the client sockets closed."""
+    unpin()
+    if fleet is not None:
+        fleet.close()
+        await asyncio.sleep(0.1)
 
 
 # ---- pacing ---------------------------------------------------------------------------------
@@ -453,13 +431,8 @@ class Options:
 def _pin_gateways(pids: Sequence[int], opts: Options) -> None:
     if opts.pin:
         for pid in pids:
-            subprocess.run(["taskset", "-a", "-p", "-c", "0", str(pid)], check=True, stdout=subprocess.DEVNULL)
-        os.sched_setaffinity(0, {1})
-
-
-def _unpin() -> None:
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+            pin_threads(pid, 0)
+        pin(0, 1)
 
 
 async def _drive(
@@ -528,42 +501,23 @@ def _start_profilers(procs: dict[str, int], opts: Options, duration_s: float) ->
         if not (name.startswith("gateway") or name == "chat"):
             continue
         path = out_dir / f"{name}-{pid}.txt"
-        cmd = ["py-spy", "record", "--pid", str(pid), "--duration", str(max(1, int(duration_s))), "--rate", "250",
-               "--format", "raw", "--nonblocking", "--output", str(path)]
-        spies.append((name, path, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+        spies.append((name, path, py_spy_record(pid, path, duration_s, 250, ["--nonblocking"])))
     return spies
 
 
 async def _finish_profilers(spies: list[tuple[str, Path, subprocess.Popen[bytes]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, path, proc in spies:
-        try:
-            await asyncio.to_thread(proc.wait, 30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        await asyncio.to_thread(wait_py_spy, proc, 30)
         if path.exists():
-            out[name] = {"file": str(path), "top_self": _top_functions(path)}
+            counts = ProfileCounts(path)
+            out[name] = {"file": str(path), "top_self": counts.top(counts.own, 12)}
     return out
 
 
-def _top_functions(path: Path, n: int = 12) -> list[tuple[str, float]]:
-    """The functions with the most samples on top of the stack (self time), as shares of all samples."""
-    own: dict[str, int] = {}
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        leaf = stack.rsplit(";", 1)[-1]
-        own[leaf] = own.get(leaf, 0) + int(count)
-        total += int(count)
-    top = sorted(own.items(), key=lambda kv: -kv[1])[:n]
-    return [(fn, round(c / total, 3)) for fn, c in top] if total else []
-
-
 async def run_redis_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
+    from roomcast.devstack import start_gateway
     from roomcast.embedded import start_redis
-    from tests.e2e.stack import start_gateway
 
     logs: list[str] = []
     redis = start_redis(log_path=work / "redis.log")
@@ -588,10 +542,7 @@ async def run_redis_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
         row["setup"] = "raw RESP PUBLISH from the client process; 1 gateway worker, no Kafka, no history"
         return [row]
     finally:
-        _unpin()
-        if fleet is not None:
-            fleet.close()
-            await asyncio.sleep(0.1)
+        await _release(fleet)
         if gateway is not None:
             gateway.stop(timeout_s=20)
         redis.stop()
@@ -624,10 +575,10 @@ def _kafka_settings(opts: Options) -> dict[str, Any]:
 async def run_kafka_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
     from aiokafka import AIOKafkaProducer
 
+    from roomcast.devstack import start_gateway
     from roomcast.embedded import start_redis, start_tansu
     from roomcast.kafka import ensure_topics
     from roomcast.wire.events import CREATED_TOPIC
-    from tests.e2e.stack import start_gateway
 
     logs: list[str] = []
     redis = start_redis(log_path=work / "redis.log")
@@ -664,17 +615,8 @@ async def run_kafka_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
         # (2) message.send -> ack: one sender per room (default rate limits hold at 10/s each)
         fleet = Fleet([f"ws://127.0.0.1:{gateway.port}/ws"], opts.rooms, 1, "ka")
         await fleet.connect()
-        senders = fleet.senders()
         ack_opts = Options(**{**opts.__dict__, "members": 1})
-
-        def post(room: str, seq: int, index: int) -> None:
-            cmid = f"a-{index}"
-            frame = b'{"type":"message.send","room":"%s","body":"%s","client_msg_id":"%s"}' % (
-                room.encode(), _BODY.encode(), cmid.encode(),
-            )
-            fleet.sent_at[cmid] = time.monotonic_ns()
-            senders[room].transport.send(_text_type(), frame)
-
+        post = fleet.poster("a")
         before = fleet.acked
         counts = await _drive_acks(fleet, ack_opts, post, procs)
         row = _row("kafka send->ack", ack_opts, fleet.acks, counts)
@@ -684,10 +626,7 @@ async def run_kafka_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
         rows.append(row)
         return rows
     finally:
-        _unpin()
-        if fleet is not None:
-            fleet.close()
-            await asyncio.sleep(0.1)
+        await _release(fleet)
         if producer is not None:
             await producer.stop()
         if gateway is not None:
@@ -743,7 +682,7 @@ def _counts(
 
 
 async def run_e2e_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
-    from tests.e2e.stack import start_stack
+    from roomcast.devstack import start_stack
 
     env_set = {}
     if opts.fetch_max_wait_ms is not None:
@@ -768,25 +707,13 @@ async def run_e2e_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
         # the path includes the Redis hop between gateways.
         fleet = Fleet([stack.ws_url(i) for i in range(len(stack.gateways))], opts.rooms, opts.members, "e2e")
         await fleet.connect()
-        senders = fleet.senders()
-        text = _text_type()
-
-        def post(room: str, seq: int, index: int) -> None:
-            cmid = f"e-{index}"
-            frame = b'{"type":"message.send","room":"%s","body":"%s","client_msg_id":"%s"}' % (
-                room.encode(), _BODY.encode(), cmid.encode(),
-            )
-            fleet.sent_wall[cmid] = time.time_ns()
-            fleet.sent_at[cmid] = time.monotonic_ns()
-            senders[room].transport.send(text, frame)
-
-        procs = {f"gateway{i}": g.proc.pid for i, g in enumerate(stack.gateways)}
-        procs.update({"chat": stack.chat.proc.pid, "redis": stack.redis.proc.pid, "tansu": stack.kafka.proc.pid})
+        post = fleet.poster("e", stamp_wall=True)
+        procs = stack.pids()
         counts = await _drive(fleet, opts, post, opts.members, procs)
         rows = []
         row = _row("e2e send->members", opts, fleet.deliveries, counts)
         row["setup"] = (
-            f"tests/e2e/stack.py start_stack: Redis, Tansu ({opts.partitions} partitions), chat (SQLite), "
+            f"roomcast.devstack start_stack: Redis, Tansu ({opts.partitions} partitions), chat (SQLite), "
             f"{len(stack.gateways)} gateway worker(s) with history; members spread over the gateways; sender = member 0"
         )
         row["kafka"] = _kafka_settings(opts)
@@ -802,10 +729,7 @@ async def run_e2e_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
             rows.append(part)
         return rows
     finally:
-        _unpin()
-        if fleet is not None:
-            fleet.close()
-            await asyncio.sleep(0.1)
+        await _release(fleet)
         await asyncio.to_thread(stack.stop)
 
 
@@ -849,12 +773,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _machine() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "nproc": os.cpu_count(),
-        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-    }
+    facts = machine_facts()
+    return {**facts, "nproc": facts["cores"], "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
 
 
 HOPS: dict[str, Callable[[Options, Path], Awaitable[list[dict[str, Any]]]]] = {
@@ -919,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench.hops: unknown hop(s) {', '.join(unknown)}; use redis, kafka, e2e", file=sys.stderr)
         return 2
-    _raise_fd_limit()
+    raise_fd_limit(65536)
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
     started = time.monotonic()
@@ -989,15 +909,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print("ok: nothing lost" + (f", no figure over {GROSS_BREACH_FACTOR:g}x its budget" if smoke else ", every budget met"))
     return 0
-
-
-def _raise_fd_limit() -> None:
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 from roomcast.config import DevConfig
+from roomcast.devstack import STARTUP_TIMEOUT_S, ReadyLines, chat_command, gateway_command, spawn, stop_all
 from roomcast.embedded import (
     ManagedProcess,
     MissingBinary,
@@ -32,17 +32,12 @@ from roomcast.kafka import ensure_topics
 __all__ = ["run_dev", "READY_PREFIX"]
 
 READY_PREFIX = "roomcast ready "
-STARTUP_TIMEOUT_S = 60.0
 # The chat service is restarted when it exits, at most this often a minute.
 CHAT_RESTARTS_PER_MINUTE = 5
 
 
 def _say(message: str) -> None:
     print(f"roomcast dev: {message}", file=sys.stderr, flush=True)
-
-
-def _python_cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "roomcast.cli", *args]
 
 
 def run_dev(config: DevConfig) -> int:
@@ -74,38 +69,23 @@ def run_dev(config: DevConfig) -> int:
         http_port = free_port(host)
         ws_url = f"ws://{host}:{config.port}/ws"
         history_url = f"http://{host}:{http_port}/"
-        chat_args = _python_cli(
-            "chat",
-            "--kafka-bootstrap", kafka.address,
-            "--database-url", f"sqlite:///{data_dir / 'roomcast.db'}",
-            "--http-host", host,
-            "--http-port", str(http_port),
-            "--page-ws-url", ws_url,
+        chat_args = chat_command(
+            kafka.address, f"sqlite:///{data_dir / 'roomcast.db'}", host, http_port,
+            "--page-ws-url", ws_url, "--log-level", config.log_level,
+        )
+        # The chat service's output is ours; the gateway's stdout is read for the
+        # workers' ready lines, its other lines printed through.
+        chat = spawn("chat", chat_args, host, http_port)
+        children.append(chat)
+        workers_ready = ReadyLines(config.workers, other=lambda line: print(line, flush=True))
+        gateway_args = gateway_command(
+            host, config.port, config.workers, f"redis://{redis.address}", kafka.address, history_url,
             "--log-level", config.log_level,
         )
-        chat = subprocess.Popen(chat_args, stdin=subprocess.DEVNULL)
-        children.append(ManagedProcess("chat", chat, host, http_port))
-        gateway = subprocess.Popen(
-            _python_cli(
-                "gateway",
-                "--host", host,
-                "--port", str(config.port),
-                "--workers", str(config.workers),
-                "--redis-url", f"redis://{redis.address}",
-                "--kafka-bootstrap", kafka.address,
-                "--history-url", history_url,
-                # Off in dev: per-worker admin ports would collide with other stacks.
-                "--admin-port", "0",
-                "--log-level", config.log_level,
-            ),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-        )
-        children.append(ManagedProcess("gateway", gateway, host, config.port))
-        workers_ready = _watch_ready_lines(gateway, config.workers)
+        children.append(spawn("gateway", gateway_args, host, config.port, workers_ready, merge_stderr=False))
 
         try:
-            wait_for_port(host, http_port, STARTUP_TIMEOUT_S, chat)
+            wait_for_port(host, http_port, STARTUP_TIMEOUT_S, chat.proc)
             if not workers_ready.wait(STARTUP_TIMEOUT_S):
                 raise TimeoutError(f"the gateway workers were not ready after {STARTUP_TIMEOUT_S:.0f} s")
         except (RuntimeError, TimeoutError) as exc:
@@ -128,7 +108,7 @@ def run_dev(config: DevConfig) -> int:
                     # consumer's watchdog gives up (README, "Liveness").
                     _say(f"the chat service exited with {child.proc.returncode}; restarting it")
                     chat_restarts = [*recent, time.monotonic()]
-                    children[i] = ManagedProcess("chat", subprocess.Popen(chat_args, stdin=subprocess.DEVNULL), host, http_port)
+                    children[i] = spawn("chat", chat_args, host, http_port)
                     continue
                 _say(f"{child.name} exited with {child.proc.returncode}; stopping the stack")
                 return 1
@@ -137,25 +117,4 @@ def run_dev(config: DevConfig) -> int:
         return 0
     finally:
         # Gateways first (they drain), then the chat service, then the infrastructure.
-        for child in reversed(children):
-            child.stop(timeout_s=35.0 if child.name == "gateway" else 10.0)
-
-
-def _watch_ready_lines(proc: subprocess.Popen[bytes], workers: int) -> threading.Event:
-    """Count the workers' `ready` lines on the gateway's stdout; pass other lines through."""
-    ready = threading.Event()
-
-    def pump() -> None:
-        seen: set[str] = set()
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
-            if line.startswith("gateway worker ") and " ready" in line:
-                seen.add(line.split()[2])
-                if len(seen) >= workers:
-                    ready.set()
-            else:
-                print(line, flush=True)
-
-    threading.Thread(target=pump, daemon=True, name="gateway-stdout").start()
-    return ready
+        stop_all(children[::-1], gateway_timeout_s=35.0, timeout_s=10.0)

@@ -27,17 +27,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
-import platform
 import queue
 import resource
 import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,14 +44,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import harness
 from bench.checks import over_budget
+from bench.harness import (
+    LOCK_PATH,
+    CpuSampler,
+    ProfileCounts,
+    bench_lock,
+    command_first_line,
+    package_versions,
+    pin,
+    py_spy_record,
+    raise_fd_limit,
+    rss_kib,
+    taskset,
+    wait_py_spy,
+)
+from roomcast.embedded import free_port, stop_process
 
 __all__ = ["main", "run_benchmark", "build_binaries"]
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-LOCK_PATH = "/tmp/roomcast-bench.lock"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVERS = ("roomcast", "baseline", "cref")
 
 # The targets of the issue, checked at the end (medians of the runs).
@@ -178,153 +188,23 @@ class Proc:
             return ""
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, timeout_s)
         self._log.close()
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
-    user, system = cpu_split(pid)
-    return user + system
-
-
-def cpu_split(pid: int) -> tuple[float, float]:
-    """(utime, stime) of a process in seconds: user space (Python, C libraries) and kernel (syscalls, TCP)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
-
-
-def rss_kib(pid: int) -> dict[str, int]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":", 1)
-                out[key] = int(value.split()[0])
-    return {"rss_kib": out.get("VmRSS", 0), "hwm_kib": out.get("VmHWM", 0)}
-
-
-class CpuSampler:
-    """Samples the CPU seconds of some processes every 10 ms, so the CPU of an
-    exact window (first publish -> last delivery) can be interpolated."""
-
-    def __init__(self, pids: dict[str, int], period_s: float = 0.01) -> None:
-        self.pids = dict(pids)
-        self.samples: list[tuple[int, dict[str, float]]] = []
-        self._stop = threading.Event()
-        self._period = period_s
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def add(self, name: str, pid: int) -> None:
-        self.pids[name] = pid
-
-    def _take(self) -> None:
-        row = {}
-        with contextlib.suppress(OSError):
-            # Busy time of each core (everyone's, not just ours): shows interference.
-            with open("/proc/stat") as f:
-                for line in f:
-                    if line.startswith("cpu") and line[3].isdigit():
-                        name, *vals = line.split()
-                        v = [int(x) for x in vals]
-                        row["core" + name[3:]] = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / CLK_TCK
-        for name, pid in list(self.pids.items()):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                user, system = cpu_split(pid)
-                row[name] = user + system
-                row[name + ".user"] = user
-                row[name + ".sys"] = system
-        self.samples.append((time.monotonic_ns(), row))
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._take()
-            self._stop.wait(self._period)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._take()
-
-    def at(self, name: str, t_ns: int) -> float | None:
-        pts = [(t, row[name]) for t, row in self.samples if name in row]
-        if not pts:
-            return None
-        if t_ns <= pts[0][0]:
-            return pts[0][1]
-        for (t0, v0), (t1, v1) in zip(pts, pts[1:]):
-            if t0 <= t_ns <= t1:
-                return v0 + (v1 - v0) * (t_ns - t0) / max(1, t1 - t0)
-        return pts[-1][1]
-
-    def pct(self, name: str, t0_ns: int, t1_ns: int) -> float | None:
-        a, b = self.at(name, t0_ns), self.at(name, t1_ns)
-        if a is None or b is None or t1_ns <= t0_ns:
-            return None
-        return round(100 * (b - a) * 1e9 / (t1_ns - t0_ns), 1)
-
-    def used(self, name: str, t0_ns: int, t1_ns: int) -> float | None:
-        a, b = self.at(name, t0_ns), self.at(name, t1_ns)
-        return None if a is None or b is None else b - a
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pin(core: int | None) -> list[str]:
-    return ["taskset", "-c", str(core)] if core is not None else []
 
 
 # ---- machine facts ----------------------------------------------------------------------
 
 
 def machine_facts(binaries: dict[str, Path]) -> dict[str, Any]:
-    def first(path: str, key: str) -> str:
-        with contextlib.suppress(OSError):
-            for line in open(path):
-                if line.startswith(key):
-                    return line.split(":", 1)[1].strip()
-        return "?"
-
-    def version(pkg: str) -> str:
-        from importlib.metadata import PackageNotFoundError, version as v
-
-        try:
-            return v(pkg)
-        except PackageNotFoundError:
-            return "not installed"
-
-    def run(cmd: list[str]) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
-        except Exception:
-            return "?"
-
     from roomcast.embedded import find_redis_server
 
-    commit = run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = run(["git", "-C", str(REPO), "status", "--porcelain", "--", "gateway", "roomcast"])
+    commit = command_first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = command_first_line(["git", "-C", str(REPO), "status", "--porcelain", "--", "gateway", "roomcast"])
     return {
-        "cpu_model": first("/proc/cpuinfo", "model name"),
-        "cores": os.cpu_count(),
-        "mem_total": first("/proc/meminfo", "MemTotal"),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "packages": {p: version(p) for p in ("picows", "uvloop", "websockets", "redis", "hiredis", "msgspec", "orjson")},
-        "redis_server": run([find_redis_server(), "--version"]),
-        "gcc": run(["gcc", "--version"]),
+        **harness.machine_facts(),
+        "packages": package_versions(("picows", "uvloop", "websockets", "redis", "hiredis", "msgspec", "orjson")),
+        "redis_server": command_first_line([find_redis_server(), "--version"]),
+        "gcc": command_first_line(["gcc", "--version"]),
         "git_commit": commit,
         "gateway_tree_dirty": bool(dirty and dirty != "?"),
         "loadavg_at_start": open("/proc/loadavg").read().split()[:3],
@@ -356,17 +236,17 @@ def start_server(ctx: Ctx, server: str, port: int, tag: str, extra: list[str] | 
     url = f"redis://127.0.0.1:{ctx.redis_port}"
     if server == "roomcast":
         exe = shutil.which("roomcast", path=str(Path(sys.executable).parent)) or "roomcast"
-        argv = [*pin(a.server_core), exe, "gateway", "--host", "127.0.0.1", "--port", str(port), "--redis-url", url,
+        argv = [*taskset(a.server_core), exe, "gateway", "--host", "127.0.0.1", "--port", str(port), "--redis-url", url,
                 "--admin-port", "0", "--log-level", "warning"]
         ready = "ready port="
     elif server == "baseline":
-        argv = [*pin(a.server_core), sys.executable, "-m", "bench.fanout.baseline_server", "--port", str(port), "--redis-url", url]
+        argv = [*taskset(a.server_core), sys.executable, "-m", "bench.fanout.baseline_server", "--port", str(port), "--redis-url", url]
         ready = "ready port="
     elif server == "cref":
-        argv = [*pin(a.server_core), str(ctx.bins["blaster"]), "--port", str(port), "--mode", "redis", "--redis-port", str(ctx.redis_port)]
+        argv = [*taskset(a.server_core), str(ctx.bins["blaster"]), "--port", str(port), "--mode", "redis", "--redis-port", str(ctx.redis_port)]
         ready = "ready port="
     elif server == "sink":
-        argv = [*pin(a.server_core), str(ctx.bins["blaster"]), "--port", str(port), "--mode", "blast", *(extra or [])]
+        argv = [*taskset(a.server_core), str(ctx.bins["blaster"]), "--port", str(port), "--mode", "blast", *(extra or [])]
         ready = "ready port="
     else:
         raise ValueError(server)
@@ -381,7 +261,7 @@ def start_server(ctx: Ctx, server: str, port: int, tag: str, extra: list[str] | 
 
 
 def start_client(ctx: Ctx, port: int, conns: int, rooms: int, prefix: str, tag: str, progress: Path | None) -> tuple[Proc, dict[str, Any]]:
-    argv = [*pin(ctx.args.client_core), str(ctx.bins["loadclient"]), "--port", str(port), "--conns", str(conns), "--rooms", str(rooms),
+    argv = [*taskset(ctx.args.client_core), str(ctx.bins["loadclient"]), "--port", str(port), "--conns", str(conns), "--rooms", str(rooms),
             "--room-prefix", prefix, "--src-ips", "8", "--max-seconds", str(int(ctx.args.duration * 4 + ctx.args.drain_timeout + 300))]
     if progress is not None:
         argv += ["--progress-file", str(progress)]
@@ -419,7 +299,7 @@ def measure(ctx: Ctx, server: str, rooms: int, members: int, mode: str, run: int
         client, ready = start_client(ctx, port, conns, rooms, prefix, tag, progress)
         result["setup_ms"] = ready.get("setup_ms")
         time.sleep(0.2)  # let the join replies and subscriptions settle
-        pub_argv = [*pin(a.client_core), sys.executable, "-m", "bench.fanout.publisher", "--redis-port", str(ctx.redis_port),
+        pub_argv = [*taskset(a.client_core), sys.executable, "-m", "bench.fanout.publisher", "--redis-port", str(ctx.redis_port),
                     "--rooms", str(rooms), "--room-prefix", prefix, "--mode", mode, "--duration", str(a.duration)]
         if mode == "fixed":
             pub_argv += ["--rate", str(a.rate)]
@@ -509,18 +389,16 @@ def start_profile(ctx: Ctx, pid: int, name: str) -> tuple[subprocess.Popen[bytes
     out_dir = Path(a.profile)
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / f"{name}.txt"
-    argv = [*pin(a.client_core), a.py_spy, "record", "--native", "--idle", "--nolineno", "--format", "raw", "--rate", str(a.profile_rate),
-            "--duration", str(max(1, int(a.duration))), "--pid", str(pid), "-o", str(raw)]
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(ctx.log_dir / f"{name}.py-spy.log", "ab")), raw
+    log = open(ctx.log_dir / f"{name}.py-spy.log", "ab")
+    with log:  # the child holds its own descriptor
+        spy = py_spy_record(pid, raw, a.duration, a.profile_rate, ["--native", "--idle", "--nolineno"],
+                            prefix=taskset(a.client_core), stderr=log, py_spy=a.py_spy)
+    return spy, raw
 
 
 def finish_profile(spy: tuple[subprocess.Popen[bytes], Path]) -> dict[str, Any]:
     proc, raw = spy
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    wait_py_spy(proc, 60)
     if not raw.exists():
         return {"error": "py-spy wrote nothing (see the log dir)"}
     summary = summarize_profile(raw)
@@ -529,33 +407,15 @@ def finish_profile(spy: tuple[subprocess.Popen[bytes], Path]) -> dict[str, Any]:
 
 
 def summarize_profile(raw: Path, top: int = 40) -> dict[str, Any]:
-    """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
-    self_count: dict[str, int] = {}
-    incl: dict[str, int] = {}
-    total = 0
-    for line in raw.read_text(errors="replace").splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not n.isdigit():
-            continue
-        count = int(n)
-        total += count
-        frames = [f.strip() for f in stack.split(";") if f.strip()]
-        if not frames:
-            continue
-        # frames[0] may be the process/thread name
-        leaf = frames[-1]
-        self_count[leaf] = self_count.get(leaf, 0) + count
-        for f in set(frames):
-            incl[f] = incl.get(f, 0) + count
-    def pct(c: int) -> float:
-        return round(100 * c / total, 1) if total else 0.0
-    top_self = [(f, pct(c)) for f, c in sorted(self_count.items(), key=lambda kv: -kv[1])[:top]]
-    top_incl = [(f, pct(c)) for f, c in sorted(incl.items(), key=lambda kv: -kv[1])[:top]]
-    text = [f"samples: {total}", "", "self (leaf frame) %:"]
+    """Self and inclusive sample shares (%) per function from py-spy's collapsed stacks."""
+    counts = ProfileCounts(raw)
+    top_self = counts.top(counts.own, top, scale=100, digits=1)
+    top_incl = counts.top(counts.inclusive, top, scale=100, digits=1)
+    text = [f"samples: {counts.total}", "", "self (leaf frame) %:"]
     text += [f"  {p:5.1f}  {f}" for f, p in top_self]
     text += ["", "inclusive %:"]
     text += [f"  {p:5.1f}  {f}" for f, p in top_incl]
-    return {"total": total, "top_self": top_self, "top_incl": top_incl, "text": "\n".join(text) + "\n"}
+    return {"total": counts.total, "top_self": top_self, "top_incl": top_incl, "text": "\n".join(text) + "\n"}
 
 
 def measure_ceiling(ctx: Ctx, rooms: int, members: int, batch: int, run: int) -> dict[str, Any]:
@@ -851,16 +711,6 @@ def render(summary: dict[str, Any], targets: list[dict[str, Any]], facts: dict[s
 # ---- main -------------------------------------------------------------------------------------
 
 
-def _lock_held_by_parent() -> bool:
-    """True when an inherited fd is the lock file: we run under `flock LOCK cmd`."""
-    with contextlib.suppress(OSError):
-        for fd in os.listdir("/proc/self/fd"):
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/self/fd/{fd}") == LOCK_PATH:
-                    return True
-    return False
-
-
 def parse_grid(text: str) -> list[tuple[int, int]]:
     cells = []
     for part in text.split(","):
@@ -904,18 +754,16 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     if (os.cpu_count() or 1) < 2:
         args.server_core = args.client_core = None
     bins = build_binaries()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_fd_limit()
     if args.client_core is not None:
         with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, {args.client_core})  # the runner mostly sleeps; keep it off the server's core
+            pin(0, args.client_core)  # the runner mostly sleeps; keep it off the server's core
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="roomcast-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     facts = machine_facts(bins)
     redis = start_redis(log_path=log_dir / "redis.log")
     if args.client_core is not None:
-        os.sched_setaffinity(redis.proc.pid, {args.client_core})
+        pin(redis.proc.pid, args.client_core)
     ctx = Ctx(args, bins, redis.port, redis.proc.pid, log_dir, code=snapshot_code(args.ref))
     facts["roomcast_code"] = ctx.code
     grid = parse_grid(args.grid)
@@ -971,16 +819,8 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    lock_file = None
-    if not args.no_lock and not _lock_held_by_parent():
-        lock_file = open(LOCK_PATH, "a")
-        print(f"waiting for {LOCK_PATH} ...", file=sys.stderr, flush=True)
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-    try:
+    with bench_lock(skip=args.no_lock):
         report = run_benchmark(args, argv)
-    finally:
-        if lock_file is not None:
-            lock_file.close()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(report["table"])

@@ -1,0 +1,223 @@
+"""Start and stop a whole stack of processes on loopback: the one launcher.
+
+Redis and the Tansu broker come from `roomcast.embedded`; this module adds the
+topics, the chat service and the gateways as child processes, waits until
+they are ready, captures their output and stops them. `roomcast dev`, the
+end-to-end tests (tests/e2e/stack.py) and the benchmarks (bench/hops.py) all
+start their processes through it.
+
+`start_stack` gives each gateway process one worker on a port of its own, so a
+caller knows which worker each client is on; `roomcast dev` instead runs one
+gateway process with N workers sharing a port (SO_REUSEPORT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from roomcast.embedded import ManagedProcess, free_port, start_redis, start_tansu, wait_for_port
+from roomcast.kafka import ensure_topics
+
+__all__ = [
+    "DRAIN_WINDOW_S",
+    "LOOPBACK",
+    "STARTUP_TIMEOUT_S",
+    "ReadyLines",
+    "Stack",
+    "chat_command",
+    "cli_command",
+    "gateway_command",
+    "spawn",
+    "start_chat",
+    "start_gateway",
+    "start_stack",
+    "stop_all",
+]
+
+LOOPBACK = "127.0.0.1"
+STARTUP_TIMEOUT_S = 60.0
+# The drain window of the gateways `start_gateway` starts: short, so that stopping
+# one (a test, a benchmark's end) stays quick. `roomcast dev` keeps the default.
+DRAIN_WINDOW_S = 0.5
+# Stopping a stack: gateways get their drain, then everything else.
+STOP_TIMEOUT_S = 40.0
+
+
+def cli_command(*args: str) -> list[str]:
+    """`roomcast ARGS` with this interpreter (works without the console script on PATH)."""
+    return [sys.executable, "-m", "roomcast.cli", *args]
+
+
+def chat_command(kafka: str, database_url: str, host: str, port: int, *extra: str) -> list[str]:
+    return cli_command(
+        "chat",
+        "--kafka-bootstrap", kafka,
+        "--database-url", database_url,
+        "--http-host", host, "--http-port", str(port),
+        *extra,
+    )
+
+
+def gateway_command(host: str, port: int, workers: int, redis_url: str, kafka: str, history_url: str, *extra: str) -> list[str]:
+    return cli_command(
+        "gateway",
+        "--host", host, "--port", str(port), "--workers", str(workers),
+        "--redis-url", redis_url, "--kafka-bootstrap", kafka, "--history-url", history_url,
+        # Per-worker admin ports would collide between stacks on one machine.
+        "--admin-port", "0",
+        *extra,
+    )
+
+
+class ReadyLines:
+    """Reads a process's output lines: keeps them, and is set once `expected`
+    distinct gateway workers have printed their `gateway worker N ready port=P`."""
+
+    MARKER = " ready port="
+
+    def __init__(self, expected: int = 1, sink: list[str] | None = None, other: Callable[[str], None] | None = None) -> None:
+        self.expected = expected
+        self.sink = sink
+        self.other = other  # lines that are not a ready line (dev prints them through)
+        self.workers: set[str] = set()
+        self.ready = threading.Event()
+
+    def __call__(self, line: str) -> None:
+        if self.sink is not None:
+            self.sink.append(line)
+        if line.startswith("gateway worker ") and self.MARKER in line:
+            self.workers.add(line.split()[2])
+            if len(self.workers) >= self.expected:
+                self.ready.set()
+        elif self.other is not None:
+            self.other(line)
+
+    def wait(self, timeout_s: float) -> bool:
+        return self.ready.wait(timeout_s)
+
+
+def spawn(
+    name: str,
+    args: Sequence[str],
+    host: str,
+    port: int,
+    on_line: Callable[[str], None] | None = None,
+    merge_stderr: bool = True,
+) -> ManagedProcess:
+    """Start a child process. With on_line, a thread hands it each line of the
+    child's stdout (and stderr with merge_stderr); without, the output is ours."""
+    if on_line is None:
+        return ManagedProcess(name, subprocess.Popen(list(args), stdin=subprocess.DEVNULL), host, port)
+    proc = subprocess.Popen(
+        list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge_stderr else None
+    )
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        with proc.stdout:  # closed at EOF: a killed process leaves no open pipe behind
+            for raw in proc.stdout:
+                on_line(raw.decode(errors="replace").rstrip())
+
+    threading.Thread(target=pump, daemon=True, name=f"{name}-stdout").start()
+    return ManagedProcess(name, proc, host, port)
+
+
+def stop_all(children: Sequence[ManagedProcess], gateway_timeout_s: float = STOP_TIMEOUT_S, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Stop in the order given (gateways first: they drain), each SIGTERM then SIGKILL after its bound."""
+    for child in children:
+        child.stop(timeout_s=gateway_timeout_s if child.name == "gateway" else timeout_s)
+
+
+def start_chat(data_dir: Path, kafka: str, logs: list[str], port: int = 0, *extra: str) -> ManagedProcess:
+    """The chat service on SQLite (data_dir/chat.db), its output appended to logs; returns once it listens."""
+    port = port or free_port()
+    args = chat_command(kafka, f"sqlite:///{data_dir / 'chat.db'}", LOOPBACK, port, *extra)
+    chat = spawn("chat", args, LOOPBACK, port, logs.append)
+    try:
+        wait_for_port(LOOPBACK, port, STARTUP_TIMEOUT_S, chat.proc)
+    except Exception:
+        chat.stop()
+        raise
+    return chat
+
+
+def start_gateway(redis_url: str, kafka: str, history_url: str, logs: list[str], port: int = 0, *extra: str) -> ManagedProcess:
+    """One gateway worker on its own port (kafka or history_url may be "": not used);
+    its output appended to logs; returns once it printed its ready line."""
+    port = port or free_port()
+    args = gateway_command(
+        LOOPBACK, port, 1, redis_url, kafka, history_url,
+        # A name of its own per port: the group member of a restarted worker is its predecessor's.
+        "--gateway-id", f"gw-{port}", "--drain-window-s", str(DRAIN_WINDOW_S), *extra,
+    )
+    ready = ReadyLines(1, logs)
+    gateway = spawn("gateway", args, LOOPBACK, port, ready)
+    if not ready.wait(STARTUP_TIMEOUT_S):
+        gateway.proc.kill()
+        gateway.proc.wait()
+        raise RuntimeError("gateway not ready:\n" + "\n".join(logs[-50:]))
+    return gateway
+
+
+@dataclass
+class Stack:
+    """A running stack: Redis, Tansu, the chat service and gateways one worker each."""
+
+    redis: ManagedProcess
+    kafka: ManagedProcess
+    chat: ManagedProcess
+    gateways: list[ManagedProcess]
+    data_dir: Path
+    history_url: str
+    logs: list[str] = field(default_factory=list)  # chat and gateway output, in arrival order
+    chat_args: Sequence[str] = ()
+    gateway_args: Sequence[str] = ()
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.redis.address}"
+
+    def ws_url(self, i: int) -> str:
+        return f"ws://{LOOPBACK}:{self.gateways[i].port}/ws"
+
+    def pids(self) -> dict[str, int]:
+        """Each process by name (gateway0, gateway1, ..., chat, redis, tansu)."""
+        named = {f"gateway{i}": g.proc.pid for i, g in enumerate(self.gateways)}
+        return {**named, "chat": self.chat.proc.pid, "redis": self.redis.proc.pid, "tansu": self.kafka.proc.pid}
+
+    def stop(self) -> None:
+        stop_all([*self.gateways, self.chat, self.kafka, self.redis])
+
+
+def start_stack(
+    data_dir: Path, gateways: int = 2, partitions: int = 4, chat_args: Sequence[str] = (), gateway_args: Sequence[str] = ()
+) -> Stack:
+    """Redis, Tansu with the topics, the chat service and `gateways` gateway processes,
+    on free loopback ports, files in data_dir; on a failure, what started is stopped."""
+    logs: list[str] = []
+    started: list[ManagedProcess] = []
+    try:
+        redis = start_redis(log_path=data_dir / "redis.log")
+        started.append(redis)
+        kafka = start_tansu(log_path=data_dir / "kafka.log")
+        started.append(kafka)
+        asyncio.run(ensure_topics(kafka.address, partitions))
+        chat = start_chat(data_dir, kafka.address, logs, 0, *chat_args)
+        started.append(chat)
+        history_url = f"http://{LOOPBACK}:{chat.port}/"
+        gws: list[ManagedProcess] = []
+        for _ in range(gateways):
+            gws.append(start_gateway(f"redis://{redis.address}", kafka.address, history_url, logs, 0, *gateway_args))
+            started.append(gws[-1])
+    except BaseException:
+        stop_all(started[::-1])
+        raise
+    time.sleep(0.1)  # a moment for the gateways' first subscriptions and group joins
+    return Stack(redis, kafka, chat, gws, data_dir, history_url, logs, tuple(chat_args), tuple(gateway_args))
