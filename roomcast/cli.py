@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging(config.log_level)
             return run_dev(config)
         if args.command == "gateway":
-            from gateway.app import serve
+            from gateway.supervisor import serve
 
             gw_config = load(GatewayConfig, _flags(args, GatewayConfig))
             setup_logging(gw_config.log_level, gw_config.log_format == "json")

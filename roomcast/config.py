@@ -16,6 +16,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Mapping, TypeVar
 
+from roomcast.wire.frames import DEFAULT_MAX_BODY_BYTES
+
 __all__ = [
     "ConfigError",
     "GatewayConfig",
@@ -77,7 +79,7 @@ class GatewayConfig:
     )
     admin_port: int = setting(9100, "admin HTTP port (/metrics, /healthz, /readyz); worker i uses admin_port + i; 0: off")
     max_frame_bytes: int = setting(64 * 1024, "largest client frame; bigger closes with 1009", unit="bytes")
-    max_body_bytes: int = setting(4096, "largest message body (UTF-8); bigger gets `too_large`", unit="bytes")
+    max_body_bytes: int = setting(DEFAULT_MAX_BODY_BYTES, "largest message body (UTF-8); bigger gets `too_large`", unit="bytes")
     send_rate_per_s: float = setting(20.0, "sustained posts per connection", unit="1/s")
     send_burst: int = setting(40, "posts a connection may make at once before `rate_limited`")
     abuse_max_errors: int = setting(30, "refused frames within abuse_window_ms before a 1008 close")
@@ -128,7 +130,7 @@ class ChatConfig:
     # 18.3 ms at 1,000 msgs/s, PERFORMANCE.md "Hops").
     produce_linger_ms: int = setting(0, "Kafka producer linger for message.created", unit="ms")
     max_body_bytes: int = setting(
-        4096, "largest message body (UTF-8) stored; larger ingest records are skipped; same env as the gateway's", unit="bytes"
+        DEFAULT_MAX_BODY_BYTES, "largest message body (UTF-8) stored; larger ingest records are skipped; same env as the gateway's", unit="bytes"
     )
     page_ws_url: str = setting("", "WebSocket URL the demo page connects to; empty: the page is not served")
     auth_mode: str = setting("dev", "dev: history is open; jwt: history needs the same token as the WebSocket", choices=("dev", "jwt"))

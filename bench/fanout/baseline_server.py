@@ -9,10 +9,10 @@ message, `json.dumps` of the envelope and `await ws.send` per socket.
 It speaks just enough of PROTOCOL.md for the load client: `join` -> `joined`
 (seq 0: it keeps no history), and `{"type":"message","data":<event>}` frames.
 
-One concession to correctness, which a team finds on its first day
-(PITFALLS.md 2): the PubSub connection is opened once at start-up (by
-subscribing a control channel) so racing first joins cannot open two
-connections and silently lose a room; the reader is a single task.
+One concession to correctness, which a team finds on its first day: the
+PubSub connection is opened once at start-up (by subscribing a control
+channel) so racing first joins cannot open two connections and silently
+lose a room; the reader is a single task.
 Plain asyncio (no uvloop), as the seed text would have it.
 """
 

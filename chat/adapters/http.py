@@ -24,13 +24,14 @@ from pathlib import Path
 import msgspec
 
 import roomcast
-from chat.core.validation import is_room_id
 from chat.storage.base import HISTORY_MAX_LIMIT, MessageStore, StoreError
 from roomcast.auth import SERVICE_TOKEN_HEADER, Authenticator, AuthError, ServiceVerifier
 from roomcast.config import ChatConfig
 from roomcast.http import HttpServer, Request, Response, Router
 from roomcast.metrics import MetricsRegistry
 from roomcast.wire.events import MessageEvent
+from roomcast.wire.frames import is_valid_room_id
+from roomcast.wire.history import HistoryPage
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -106,13 +107,6 @@ def token_authorizer(authenticator: Authenticator, service: ServiceVerifier | No
         return None
 
     return check
-
-
-class _HistoryBody(msgspec.Struct):
-    # Field order is the order on the wire (PROTOCOL.md 5).
-    room: str
-    latest_seq: int
-    messages: list[MessageEvent]
 
 
 class _ErrorBody(msgspec.Struct):
@@ -197,7 +191,7 @@ class HistoryApi:
     async def messages(self, request: Request) -> Response:
         """PROTOCOL.md 5."""
         room = request.params["room"]
-        if not is_room_id(room):
+        if not is_valid_room_id(room):
             return json_error(400, "room must be 1 to 128 characters of A-Z a-z 0-9 _ . : -")
         after = _int_param(request.query.get("after"), 0)
         if after is None:
@@ -213,7 +207,7 @@ class HistoryApi:
         except StoreError:
             log.exception("history of room %s failed", room)
             return json_error(503, "history is unavailable now; retry")
-        body = _encoder.encode(_HistoryBody(page.room, page.latest_seq, page.messages))
+        body = _encoder.encode(HistoryPage[MessageEvent](page.room, page.latest_seq, page.messages))
         return (
             200,
             {"content-type": _JSON, "cache-control": "no-store", "x-roomcast-oldest-seq": str(page.oldest_seq)},

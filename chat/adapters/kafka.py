@@ -1,14 +1,15 @@
 """The ingest pipeline: Kafka `message.ingest` -> store -> Kafka `message.created`.
 
 One batch at a time, in one task, so a partition's records keep their order
-from fetch to produce (PITFALLS 4):
+from fetch to produce:
 
 1. `getmany` up to `batch_max` records (group `chat-service`, no auto-commit).
 2. Decode and validate each; a malformed one is logged, counted and skipped.
 3. `store.store_batch` the rest in one transaction: per-room seq, dedupe.
 4. Produce every resulting event (new or re-emitted duplicate) to
    `message.created`, key = room, in record order, and wait for all acks.
-5. Only then commit the batch's offsets (PROTOCOL.md 4, PITFALLS 3).
+5. Only then commit the batch's offsets (PROTOCOL.md 4): a commit before the
+   produce would lose the batch to a crash in between.
 
 A crash between 3 and 5 is healed by re-consumption: the store's dedupe
 returns the already-stored events, which are produced again (gateways drop a

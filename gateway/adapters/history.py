@@ -35,8 +35,9 @@ import aiohttp
 import msgspec
 
 from roomcast.wire.events import decode_event_seq
+from roomcast.wire.history import HistoryPage
 
-__all__ = ["HistoryClient", "HistoryPage", "HistoryUnavailable"]
+__all__ = ["HistoryClient", "HistoryUnavailable"]
 
 log = logging.getLogger("roomcast.gateway.history")
 
@@ -45,13 +46,7 @@ class HistoryUnavailable(Exception):
     """The history API could not answer."""
 
 
-class HistoryPage(msgspec.Struct):
-    room: str
-    latest_seq: int
-    messages: list[msgspec.Raw]
-
-
-_page_decoder = msgspec.json.Decoder(HistoryPage)
+_page_decoder = msgspec.json.Decoder(HistoryPage[msgspec.Raw])
 
 
 class HistoryClient:

@@ -1,7 +1,7 @@
 """Sharded pub/sub over a Redis Cluster (redis_mode=cluster).
 
 Plain PUBLISH in a cluster is copied to every node, so its throughput falls
-as nodes are added (PITFALLS.md 6). Sharded pub/sub routes a channel by its
+as nodes are added. Sharded pub/sub routes a channel by its
 hash slot: the gateway SSUBSCRIBEs each room channel on the node owning the
 slot, over one connection per node (not per channel), and the relay
 SPUBLISHes to that node. When a slot moves (MOVED, or a node connection is

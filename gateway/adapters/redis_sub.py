@@ -2,7 +2,7 @@
 
 Why not redis-py's PubSub: its `listen()` returns once the last channel is
 unsubscribed, it opens its connection lazily (two racing first SUBSCRIBEs
-opened two connections and lost one, PITFALLS.md 2), and its per-message
+opened two connections and lost one), and its per-message
 object path is slower than feeding hiredis directly.
 
 Every message of one socket read is handed over in one call, grouped by
@@ -25,12 +25,16 @@ from collections.abc import Callable
 from urllib.parse import unquote, urlparse
 
 from gateway.adapters.resp_push import MessageBatch, PushReader
+from roomcast.wire.control import CONTROL_CHANNEL as WIRE_CONTROL_CHANNEL
 
-__all__ = ["RedisSubscriber", "MessageBatch", "encode_command", "CONTROL_CHANNEL"]
+__all__ = ["RedisSubscriber", "MessageBatch", "encode_command"]
 
 log = logging.getLogger("roomcast.gateway.redis")
 
-CONTROL_CHANNEL = b"roomcast:control"
+# Always subscribed, so the connection exists before the first room's SUBSCRIBE
+# and racing first joins cannot open a second one; it also carries the
+# operators' commands (roomcast.wire.control).
+CONTROL_CHANNEL = WIRE_CONTROL_CHANNEL.encode()
 
 
 def encode_command(*args: bytes) -> bytes:

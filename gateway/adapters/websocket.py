@@ -1,9 +1,10 @@
 """The picows side of a client connection: frames in, actions out, writes.
 
 `Connection` is one socket's listener. Frames pass the RFC 6455 layer
-(`FramedListener`), then the sans-I/O `Session`, whose actions the
-`GatewayApp` carries out. Fan-out never goes through here per message: the
-room registry holds each live socket's raw `write` and the app calls it with
+(`FramedListener`), then the sans-I/O `Session`, whose actions go to the
+socket's `ConnectionEvents` (the hub, gateway/hub.py), which this module
+does not import. Fan-out never goes through here per message: the
+room registry holds each live socket's raw `write` and the hub calls it with
 the shared, pre-framed buffer.
 
 Lifetime hazard: picows' `WSFrame` is valid only inside `on_ws_frame`; the
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from picows import WSFrame, WSMsgType, WSTransport
 
@@ -25,24 +26,42 @@ from gateway.core.session import Session
 from roomcast.wire.codes import CloseCode
 
 if TYPE_CHECKING:
-    from gateway.app import GatewayApp
+    from gateway.core.session import Action
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "ConnectionEvents"]
 
 log = logging.getLogger("roomcast.gateway.ws")
 
 _TEXT = WSMsgType.TEXT
 
 
+class ConnectionEvents(Protocol):
+    """What a socket tells the rest of the worker."""
+
+    def connection_opened(self, conn: Connection) -> None: ...
+
+    def connection_closed(self, conn: Connection) -> None:
+        """The socket is gone or closing: nothing more may be written to it."""
+
+    def perform(self, conn: Connection, actions: list[Action]) -> None:
+        """Carry out what the socket's session decided about a frame."""
+
+    def connection_paused(self, conn: Connection) -> None:
+        """The kernel send buffer is full: frames queue in `conn.pending` from now on
+        (the events side closes the socket with 4000 when the queue grows too long)."""
+
+    def connection_resumed(self, conn: Connection) -> None: ...
+
+
 class Connection(FramedListener):
     """One client WebSocket."""
 
     # No __dict__: an idle socket's memory decides connections per worker.
-    __slots__ = ("app", "session", "transport", "raw_write", "closed", "paused", "pending", "pending_bytes", "awaiting_pong")
+    __slots__ = ("events", "session", "transport", "raw_write", "closed", "paused", "pending", "pending_bytes", "awaiting_pong")
 
-    def __init__(self, app: GatewayApp, session: Session, max_message_bytes: int) -> None:
+    def __init__(self, events: ConnectionEvents, session: Session, max_message_bytes: int) -> None:
         super().__init__(max_message_bytes)
-        self.app = app
+        self.events = events
         self.session = session
         self.transport: WSTransport | None = None
         self.raw_write = _discard
@@ -64,11 +83,11 @@ class Connection(FramedListener):
         # (joined, ack, error, close) write to the same transport synchronously,
         # so the order of everything a socket receives is kept.
         self.raw_write = underlying.write
-        self.app.connection_opened(self)
+        self.events.connection_opened(self)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.closed = True
-        self.app.connection_closed(self)
+        self.events.connection_closed(self)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         self.awaiting_pong = False  # any frame from the peer shows it is alive
@@ -76,17 +95,17 @@ class Connection(FramedListener):
 
     def on_text(self, transport: WSTransport, text: str) -> None:
         if not self.closed:  # after our close, only the peer's close answer matters
-            self.app.perform(self, self.session.receive_text(_now_ms(), text))
+            self.events.perform(self, self.session.receive_text(_now_ms(), text))
 
     def on_binary(self, transport: WSTransport, data: bytes) -> None:
         if not self.closed:
-            self.app.perform(self, self.session.refuse_binary())
+            self.events.perform(self, self.session.refuse_binary())
 
     def pause_writing(self) -> None:
         # The socket's transport buffer passed its high-water mark: from now on
         # this connection's frames queue here, counted against the limit.
         self.paused = True
-        self.app.connection_paused(self)
+        self.events.connection_paused(self)
 
     def resume_writing(self) -> None:
         self.paused = False
@@ -94,7 +113,7 @@ class Connection(FramedListener):
         self.pending_bytes = 0
         if pending and not self.closed:
             self.raw_write(b"".join(pending))
-        self.app.connection_resumed(self)
+        self.events.connection_resumed(self)
 
     def ping(self) -> None:
         """Heartbeat: ask for a pong; the next sweep drops the socket if nothing came."""
@@ -107,7 +126,7 @@ class Connection(FramedListener):
         if self.closed:
             return
         self.closed = True
-        self.app.connection_closed(self)
+        self.events.connection_closed(self)
         if self.transport is not None:
             self.transport.underlying_transport.abort()
 
@@ -135,7 +154,8 @@ class Connection(FramedListener):
             self.raw_write(data)
 
     def queue_write(self, data: bytes) -> None:
-        """The writer of a paused socket: over send_buffer_limit_bytes it is a slow consumer."""
+        """The writer of a paused socket: queues, and counts `pending_bytes` (whoever
+        writes decides when a queue is too long: a slow consumer)."""
         if self.closed:
             return
         if self.pending is None:
@@ -143,8 +163,6 @@ class Connection(FramedListener):
         else:
             self.pending.append(data)
         self.pending_bytes += len(data)
-        if self.pending_bytes > self.app.config.send_buffer_limit_bytes:
-            self.app.slow_consumer(self)
 
     def end(self, code: int, reason: str = "", linger_s: float = 0.0) -> None:
         """Leave every room, send a close frame with code, disconnect. Idempotent.
@@ -156,7 +174,7 @@ class Connection(FramedListener):
         if self.closed:
             return
         self.closed = True
-        self.app.connection_closed(self)
+        self.events.connection_closed(self)
         transport = self.transport
         if transport is None:
             return

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from gateway.core.limits import AbuseCounter, TokenBucket
 from roomcast.wire.codes import CloseCode, ErrorCode
 from roomcast.wire.events import IngestRecord
-from roomcast.wire.frames import FrameError, Join, Leave, Refresh, Send, decode_client_frame, encode_error, encode_left, encode_refreshed
+from roomcast.wire.frames import DEFAULT_MAX_BODY_BYTES, FrameError, Join, Leave, Refresh, Send, decode_client_frame, encode_error, encode_left, encode_refreshed
 
 __all__ = ["SessionLimits", "Session", "Reply", "JoinRoom", "LeaveRoom", "Post", "CheckToken", "Close", "Action"]
 
 
 @dataclass(frozen=True, slots=True)
 class SessionLimits:
-    max_body_bytes: int = 4096
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     send_rate_per_s: float = 20.0
     send_burst: int = 40
     abuse_max_errors: int = 30

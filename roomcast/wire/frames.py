@@ -24,6 +24,8 @@ __all__ = [
     "FrameError",
     "decode_client_frame",
     "is_valid_room_id",
+    "DEFAULT_MAX_BODY_BYTES",
+    "MAX_CLIENT_MSG_ID_CHARS",
     "encode_joined",
     "encode_left",
     "encode_ack",
@@ -39,7 +41,13 @@ ROOM_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}\Z"  # \Z: `$` would let a trailing 
 _room_id_re = re.compile(ROOM_ID_PATTERN)
 
 RoomId = Annotated[str, msgspec.Meta(pattern=ROOM_ID_PATTERN)]
-ClientMsgId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+MAX_CLIENT_MSG_ID_CHARS = 64
+"""PROTOCOL.md 2: a client_msg_id is 1 to 64 characters."""
+
+DEFAULT_MAX_BODY_BYTES = 4096
+"""PROTOCOL.md 3: a body over this many bytes of UTF-8 is `too_large`, by default (setting max_body_bytes)."""
+
+ClientMsgId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CLIENT_MSG_ID_CHARS)]
 Seq = Annotated[int, msgspec.Meta(ge=0)]
 
 MAX_TOKEN_CHARS = 8192

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from roomcast.embedded import free_port
@@ -221,3 +222,11 @@ async def services() -> AsyncIterator[list[RunningChat]]:
     finally:
         for r in running:
             await r.crash()
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A redis-py client of the test's Redis (for PUBLISH, NUMSUB and the like)."""
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()

@@ -34,7 +34,7 @@ import pytest
 import uvloop
 
 from gateway.adapters.message_listener import DEFAULT_MAX_MESSAGE_BYTES
-from gateway.app import GatewayApp
+from gateway.worker import GatewayWorker
 from roomcast.config import GatewayConfig
 from tests.support import scaled
 
@@ -52,7 +52,7 @@ INSTALL_HINT = "kosoku is not installed in this environment: pip install kosoku 
 
 
 class GatewayThread:
-    """The real gateway (`GatewayApp` with its /echo test route) on 127.0.0.1:<free
+    """The real gateway (`GatewayWorker` with its /echo test route) on 127.0.0.1:<free
     port>, with its own event loop in a thread, so the test can block on kosoku.
     /echo runs through the same frame layer and limits as /ws."""
 
@@ -97,7 +97,7 @@ class GatewayThread:
             host="127.0.0.1", port=0, admin_port=0, redis_url=self._redis_url,
             max_frame_bytes=DEFAULT_MAX_MESSAGE_BYTES, test_echo_route=True,
         )
-        app = GatewayApp(config)
+        app = GatewayWorker(config)
         await app.start()
         self.port = app.port
         self._ready.set()
@@ -116,7 +116,7 @@ def echo_url(request: pytest.FixtureRequest, redis_url: str) -> Iterator[str]:
 
 def test_echo_route_exists_only_behind_the_test_flag(redis_url: str) -> None:
     async def main() -> int:
-        app = GatewayApp(GatewayConfig(host="127.0.0.1", port=0, admin_port=0, redis_url=redis_url))
+        app = GatewayWorker(GatewayConfig(host="127.0.0.1", port=0, admin_port=0, redis_url=redis_url))
         await app.start()
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", app.port)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 import json
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
 import pytest
 import redis.asyncio as aioredis
@@ -15,44 +13,19 @@ import websockets
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from gateway.adapters.kafka import CreatedRelay
-from gateway.app import GatewayApp
-from roomcast.config import GatewayConfig
+from gateway.worker import GatewayWorker
 from roomcast.embedded import free_port
 from roomcast.kafka import ensure_topics
 from roomcast.wire.events import CREATED_TOPIC, INGEST_TOPIC, decode_ingest
+from tests.integration.gateway_harness import base_config, start_gateway, ws_url
 from tests.support import Client, event, scaled
 
 
-def base_config(redis_url: str, **overrides: object) -> GatewayConfig:
-    return replace(GatewayConfig(host="127.0.0.1", port=0, admin_port=0, redis_url=redis_url), **overrides)  # type: ignore[arg-type]
-
-
 @pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-async def start_gateway(config: GatewayConfig) -> GatewayApp:
-    app = GatewayApp(config)
-    await app.start()
-    assert await app.subscriber.wait_connected(scaled(5))
-    deadline = time.monotonic() + scaled(5)
-    while not app.access.loaded and time.monotonic() < deadline:  # part of readiness
-        await asyncio.sleep(0.01)
-    return app
-
-
-@pytest.fixture
-async def gateway(redis_url: str) -> AsyncIterator[GatewayApp]:
+async def gateway(redis_url: str) -> AsyncIterator[GatewayWorker]:
     app = await start_gateway(base_config(redis_url))
     yield app
     await app.drain()
-
-
-def ws_url(app: GatewayApp) -> str:
-    return f"ws://127.0.0.1:{app.port}/ws"
 
 
 def label_names(metrics_text: str) -> set[str]:
@@ -79,7 +52,7 @@ async def wait_numsub(redis_client: aioredis.Redis, room: str, expected: int) ->
 
 
 async def test_first_join_subscribes_once_and_last_leave_or_disconnect_unsubscribes(
-    gateway: GatewayApp, redis_client: aioredis.Redis
+    gateway: GatewayWorker, redis_client: aioredis.Redis
 ) -> None:
     a = await Client.connect(ws_url(gateway), "a")
     b = await Client.connect(ws_url(gateway), "b")
@@ -98,7 +71,7 @@ async def test_first_join_subscribes_once_and_last_leave_or_disconnect_unsubscri
 
 
 async def test_published_events_reach_every_socket_of_the_room_once_in_order(
-    gateway: GatewayApp, redis_client: aioredis.Redis
+    gateway: GatewayWorker, redis_client: aioredis.Redis
 ) -> None:
     clients = [await Client.connect(ws_url(gateway), f"u{i}") for i in range(5)]
     for c in clients:
@@ -121,7 +94,7 @@ async def test_published_events_reach_every_socket_of_the_room_once_in_order(
 
 
 async def test_message_frame_is_the_published_bytes_inside_the_envelope(
-    gateway: GatewayApp, redis_client: aioredis.Redis
+    gateway: GatewayWorker, redis_client: aioredis.Redis
 ) -> None:
     c = await Client.connect(ws_url(gateway), "u")
     await c.join("r")
@@ -146,7 +119,7 @@ async def test_message_frame_is_the_published_bytes_inside_the_envelope(
     ],
 )
 async def test_bad_frame_gets_an_error_and_the_socket_keeps_working(
-    gateway: GatewayApp, redis_client: aioredis.Redis, frame: str, code: str, ref: str | None
+    gateway: GatewayWorker, redis_client: aioredis.Redis, frame: str, code: str, ref: str | None
 ) -> None:
     c = await Client.connect(ws_url(gateway), "u")
     await c.send(frame)
@@ -161,7 +134,7 @@ async def test_bad_frame_gets_an_error_and_the_socket_keeps_working(
     await c.close()
 
 
-async def test_binary_frame_closes_with_1003(gateway: GatewayApp) -> None:
+async def test_binary_frame_closes_with_1003(gateway: GatewayWorker) -> None:
     c = await Client.connect(ws_url(gateway), "u")
     await c.ws.send(b"\x01\x02")
     with pytest.raises(websockets.ConnectionClosed) as closed:
@@ -169,7 +142,7 @@ async def test_binary_frame_closes_with_1003(gateway: GatewayApp) -> None:
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1003
 
 
-async def test_frame_over_the_limit_closes_with_1009(gateway: GatewayApp) -> None:
+async def test_frame_over_the_limit_closes_with_1009(gateway: GatewayWorker) -> None:
     c = await Client.connect(ws_url(gateway), "u")
     await c.send(json.dumps({"type": "join", "room": "r", "pad": "x" * (64 * 1024)}))
     with pytest.raises(websockets.ConnectionClosed) as closed:
@@ -194,7 +167,7 @@ async def test_repeated_refused_frames_close_with_1008(redis_url: str) -> None:
 
 
 async def test_post_without_kafka_is_answered_unavailable_and_fanout_still_works(
-    gateway: GatewayApp, redis_client: aioredis.Redis
+    gateway: GatewayWorker, redis_client: aioredis.Redis
 ) -> None:
     c = await Client.connect(ws_url(gateway), "u")
     await c.join("r")
@@ -206,7 +179,7 @@ async def test_post_without_kafka_is_answered_unavailable_and_fanout_still_works
     await c.close()
 
 
-async def test_unknown_path_gets_404_and_health_answers(gateway: GatewayApp) -> None:
+async def test_unknown_path_gets_404_and_health_answers(gateway: GatewayWorker) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await reader.readline()).startswith(b"HTTP/1.1 200")
@@ -234,7 +207,7 @@ async def test_connection_cap_answers_503_at_the_upgrade(redis_url: str) -> None
 
 
 @pytest.fixture
-async def kafka_gateway(redis_url: str, kafka_bootstrap: str) -> AsyncIterator[GatewayApp]:
+async def kafka_gateway(redis_url: str, kafka_bootstrap: str) -> AsyncIterator[GatewayWorker]:
     await ensure_topics(kafka_bootstrap, partitions=2)
     app = await start_gateway(base_config(redis_url, kafka_bootstrap=kafka_bootstrap, fetch_max_wait_ms=10))
     for _ in range(int(scaled(300))):
@@ -247,7 +220,7 @@ async def kafka_gateway(redis_url: str, kafka_bootstrap: str) -> AsyncIterator[G
 
 
 async def test_post_is_produced_to_message_ingest_keyed_by_room_then_acked(
-    kafka_gateway: GatewayApp, kafka_bootstrap: str
+    kafka_gateway: GatewayWorker, kafka_bootstrap: str
 ) -> None:
     c = await Client.connect(ws_url(kafka_gateway), "alice")
     await c.send({"type": "message.send", "room": "r7", "body": "héllo", "client_msg_id": "c-1"})
@@ -274,7 +247,7 @@ async def test_post_is_produced_to_message_ingest_keyed_by_room_then_acked(
 
 
 async def test_message_created_is_published_once_to_the_room_and_reaches_the_socket(
-    kafka_gateway: GatewayApp, kafka_bootstrap: str, redis_client: aioredis.Redis
+    kafka_gateway: GatewayWorker, kafka_bootstrap: str, redis_client: aioredis.Redis
 ) -> None:
     c = await Client.connect(ws_url(kafka_gateway), "u")
     await c.join("rk")

@@ -11,17 +11,17 @@ from collections.abc import AsyncIterator
 import pytest
 import websockets
 
-from gateway.app import GatewayApp
+from gateway.worker import GatewayWorker
 from roomcast.auth import mint
 from roomcast.embedded import free_port
-from tests.integration.test_gateway import base_config, start_gateway, ws_url
+from tests.integration.gateway_harness import base_config, start_gateway, ws_url
 from tests.support import Client, close_code, revoke, scaled
 
 SECRET = "test-secret-of-at-least-32-bytes!!"
 
 
 @pytest.fixture
-async def jwt_gateway(redis_url: str) -> AsyncIterator[GatewayApp]:
+async def jwt_gateway(redis_url: str) -> AsyncIterator[GatewayWorker]:
     app = await start_gateway(base_config(redis_url, auth_mode="jwt", jwt_secret=SECRET))
     yield app
     await app.drain()
@@ -33,26 +33,26 @@ async def refused_status(url: str, **kwargs: object) -> tuple[int, bytes]:
     return refused.value.response.status_code, refused.value.response.body or b""
 
 
-async def test_missing_token_is_refused_with_401_at_the_upgrade(jwt_gateway: GatewayApp) -> None:
+async def test_missing_token_is_refused_with_401_at_the_upgrade(jwt_gateway: GatewayWorker) -> None:
     status, body = await refused_status(ws_url(jwt_gateway) + "?user=mallory")
     assert status == 401
     assert b"token" in body
 
 
-async def test_forged_token_is_refused_with_401(jwt_gateway: GatewayApp) -> None:
+async def test_forged_token_is_refused_with_401(jwt_gateway: GatewayWorker) -> None:
     forged = mint("another-secret-of-at-least-32-bytes", "alice")
     status, _ = await refused_status(ws_url(jwt_gateway) + f"?token={forged}")
     assert status == 401
 
 
-async def test_expired_token_is_refused_with_401(jwt_gateway: GatewayApp) -> None:
+async def test_expired_token_is_refused_with_401(jwt_gateway: GatewayWorker) -> None:
     expired = mint(SECRET, "alice", ttl_s=60, now=lambda: time.time() - 3600)
     status, body = await refused_status(ws_url(jwt_gateway), additional_headers={"Authorization": f"Bearer {expired}"})
     assert status == 401
     assert b"expired" in body
 
 
-async def test_valid_token_in_header_or_query_names_the_user(jwt_gateway: GatewayApp) -> None:
+async def test_valid_token_in_header_or_query_names_the_user(jwt_gateway: GatewayWorker) -> None:
     token = mint(SECRET, "alice")
     c = await Client.connect(ws_url(jwt_gateway) + f"?token={token}")
     await c.join("any-room")
@@ -63,7 +63,7 @@ async def test_valid_token_in_header_or_query_names_the_user(jwt_gateway: Gatewa
     await c2.close()
 
 
-async def test_rooms_claim_is_enforced_on_join_and_on_send(jwt_gateway: GatewayApp) -> None:
+async def test_rooms_claim_is_enforced_on_join_and_on_send(jwt_gateway: GatewayWorker) -> None:
     token = mint(SECRET, "bob", rooms=["team-*", "lobby"])
     c = await Client.connect(ws_url(jwt_gateway) + f"?token={token}")
     assert (await c.join("team-red"))["room"] == "team-red"
@@ -80,7 +80,7 @@ async def test_rooms_claim_is_enforced_on_join_and_on_send(jwt_gateway: GatewayA
 # ---- v1.1 token lifetime and revocation (PROTOCOL.md 9) ----------------------------------
 
 
-async def test_socket_is_closed_with_4001_at_its_tokens_exp(jwt_gateway: GatewayApp) -> None:
+async def test_socket_is_closed_with_4001_at_its_tokens_exp(jwt_gateway: GatewayWorker) -> None:
     token = mint(SECRET, "alice", ttl_s=1.5)
     exp = jwt_claims(token)["exp"]
     c = await Client.connect(ws_url(jwt_gateway) + f"?token={token}")
@@ -91,7 +91,7 @@ async def test_socket_is_closed_with_4001_at_its_tokens_exp(jwt_gateway: Gateway
     assert jwt_gateway.access.expired == 1
 
 
-async def test_refresh_moves_the_deadline_and_a_late_one_is_too_late(jwt_gateway: GatewayApp) -> None:
+async def test_refresh_moves_the_deadline_and_a_late_one_is_too_late(jwt_gateway: GatewayWorker) -> None:
     c = await Client.connect(ws_url(jwt_gateway) + f"?token={mint(SECRET, 'alice', ttl_s=1.5)}")
     await c.join("r1")
     fresh = mint(SECRET, "alice", ttl_s=3)
@@ -103,7 +103,7 @@ async def test_refresh_moves_the_deadline_and_a_late_one_is_too_late(jwt_gateway
     assert await close_code(c, timeout=5) == 4001  # the refreshed exp, without another refresh
 
 
-async def test_refresh_with_another_users_or_a_bad_token_closes_with_4003(jwt_gateway: GatewayApp) -> None:
+async def test_refresh_with_another_users_or_a_bad_token_closes_with_4003(jwt_gateway: GatewayWorker) -> None:
     for bad in (
         mint(SECRET, "mallory"),
         mint("another-secret-of-at-least-32-bytes", "alice"),
@@ -116,7 +116,7 @@ async def test_refresh_with_another_users_or_a_bad_token_closes_with_4003(jwt_ga
         assert await close_code(c) == 4003, bad
 
 
-async def test_rooms_a_refreshed_token_no_longer_allows_are_left_as_forbidden(jwt_gateway: GatewayApp) -> None:
+async def test_rooms_a_refreshed_token_no_longer_allows_are_left_as_forbidden(jwt_gateway: GatewayWorker) -> None:
     c = await Client.connect(ws_url(jwt_gateway) + f"?token={mint(SECRET, 'bob', rooms=['team-*', 'lobby'])}")
     await c.join("team-red")
     await c.join("lobby")

@@ -25,11 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chat.app import ChatService
 from chat.storage import open_store
-from gateway.app import GatewayApp
+from gateway.worker import GatewayWorker
 from roomcast.auth import SERVICE_TOKEN_HEADER, mint
 from roomcast.config import ConfigError
 from tests.integration.chat_harness import RunningChat, chat_config, http_get, post, record, wait_until
-from tests.integration.test_gateway import base_config, start_gateway, ws_url
+from tests.integration.gateway_harness import base_config, start_gateway, ws_url
 from tests.support import Client, scaled
 
 SERVICE_KEY = "service-key-of-the-test-at-least-32-bytes"
@@ -87,8 +87,8 @@ async def connections_total(chat: RunningChat) -> int:
 
 
 @pytest.fixture
-async def gateways() -> AsyncIterator[list[GatewayApp]]:
-    started: list[GatewayApp] = []
+async def gateways() -> AsyncIterator[list[GatewayWorker]]:
+    started: list[GatewayWorker] = []
     yield started
     for app in started:
         await app.drain()
@@ -104,7 +104,7 @@ ROOMS = [f"pool-room-{i}" for i in range(4)]
 
 async def test_a_thousand_joins_with_since_open_no_more_connections_than_the_pool(
     bootstrap: str, redis_url: str, tmp_path: Path, producer: AIOKafkaProducer,
-    services: list[RunningChat], gateways: list[GatewayApp],
+    services: list[RunningChat], gateways: list[GatewayWorker],
 ) -> None:
     chat = await start_chat(bootstrap, tmp_path, services)
     for room in ROOMS:
@@ -152,8 +152,8 @@ def auth_settings(mode: str, keys: Rsa) -> tuple[dict[str, object], dict[str, ob
 
 async def start_auth_stack(
     mode: str, keys: Rsa, bootstrap: str, redis_url: str, tmp_path: Path, producer: AIOKafkaProducer,
-    services: list[RunningChat], gateways: list[GatewayApp], room: str,
-) -> tuple[RunningChat, GatewayApp, Client]:
+    services: list[RunningChat], gateways: list[GatewayWorker], room: str,
+) -> tuple[RunningChat, GatewayWorker, Client]:
     """A chat service holding 1..3 of `room`, a gateway on it, and a client with a user token."""
     chat_over, gateway_over, token = auth_settings(mode, keys)
     chat = await start_chat(bootstrap, tmp_path, services, **chat_over)
@@ -172,7 +172,7 @@ MODES = ["rs256-only", "hs256-without-service-key"]
 @pytest.mark.parametrize("mode", MODES)
 async def test_a_join_with_since_replays_from_history(
     mode: str, rsa_keys: Rsa, bootstrap: str, redis_url: str, tmp_path: Path, producer: AIOKafkaProducer,
-    services: list[RunningChat], gateways: list[GatewayApp],
+    services: list[RunningChat], gateways: list[GatewayWorker],
 ) -> None:
     room = "replay-room"
     _, _, client = await start_auth_stack(mode, rsa_keys, bootstrap, redis_url, tmp_path, producer, services, gateways, room)
@@ -185,7 +185,7 @@ async def test_a_join_with_since_replays_from_history(
 @pytest.mark.parametrize("mode", MODES)
 async def test_a_seq_gap_on_redis_is_filled_from_history(
     mode: str, rsa_keys: Rsa, bootstrap: str, redis_url: str, tmp_path: Path, producer: AIOKafkaProducer,
-    services: list[RunningChat], gateways: list[GatewayApp],
+    services: list[RunningChat], gateways: list[GatewayWorker],
 ) -> None:
     room = "gap-room"
     chat, app, client = await start_auth_stack(mode, rsa_keys, bootstrap, redis_url, tmp_path, producer, services, gateways, room)
@@ -234,12 +234,12 @@ async def test_rs256_only_gateway_with_history_and_no_service_key_refuses_to_sta
         redis_url, auth_mode="jwt", jwt_public_key=rsa_keys.public_pem, history_url="http://127.0.0.1:1/"
     )
     with pytest.raises(ConfigError, match="service_key"):
-        GatewayApp(config)
+        GatewayWorker(config)
 
 
 async def test_joins_with_since_go_on_after_the_chat_service_restarts_under_the_pool(
     bootstrap: str, redis_url: str, tmp_path: Path, producer: AIOKafkaProducer,
-    services: list[RunningChat], gateways: list[GatewayApp],
+    services: list[RunningChat], gateways: list[GatewayWorker],
 ) -> None:
     chat = await start_chat(bootstrap, tmp_path, services)
     await post_and_wait(producer, chat, "r1", 2)

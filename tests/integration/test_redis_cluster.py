@@ -14,7 +14,7 @@ from roomcast.embedded import ManagedProcess, start_redis_cluster
 from roomcast.kafka import ensure_topics
 from roomcast.wire.control import CONTROL_CHANNEL
 from roomcast.wire.events import CREATED_TOPIC
-from tests.integration.test_gateway import base_config, start_gateway, ws_url
+from tests.integration.gateway_harness import base_config, start_gateway, ws_url
 from tests.support import Client, close_code, event, revoke
 
 

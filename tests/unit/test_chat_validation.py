@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import chat.core
-from chat.core.validation import is_room_id, validate_ingest
+from chat.core.validation import validate_ingest
+from roomcast.wire.frames import is_valid_room_id
 from roomcast.wire.events import IngestRecord
 
 
@@ -30,7 +31,7 @@ def test_room_ids_of_the_allowed_characters_pass(room: str) -> None:
 @pytest.mark.parametrize("room", ["", "a" * 129, "r 1", "r/1", "é", "r1\n", "\nr1", "r1#"])
 def test_room_id_outside_the_pattern_is_refused(room: str) -> None:
     assert "room" in (validate_ingest(record(room=room)) or "")
-    assert not is_room_id(room)
+    assert not is_valid_room_id(room)
 
 
 def test_empty_user_is_refused() -> None:

@@ -758,7 +758,7 @@ BUG_CONCURRENT_JOINS_NO_FILL = (
 
 
 def reconnect_and_fill(registry: RoomRegistry, room, history: list[int], live_after: list[int]) -> None:
-    """What the adapter does after a Redis reconnect (app.on_redis_connected, app._fill)."""
+    """What the adapter does after a Redis reconnect (Hub.on_redis_connected, Hub._fill)."""
     started = registry.begin_fill(room)
     write_out(registry.deliver(room, [ev(s) for s in live_after]))
     if started is not None or registry.fill_requests:
