@@ -69,8 +69,11 @@ except ImportError:  # pragma: no cover - an older revision under bench.compare
 
 try:
     from gateway.core.server_frames import text_frame, text_frame_header
-except ImportError:  # pragma: no cover
-    text_frame = text_frame_header = None  # type: ignore[assignment]
+except ImportError:  # pragma: no cover - an older revision under bench.compare (the module was gateway.core.wsframe)
+    try:
+        from gateway.core.wsframe import text_frame, text_frame_header  # type: ignore[no-redef]
+    except ImportError:
+        text_frame = text_frame_header = None  # type: ignore[assignment]
 
 
 # ---- inputs ------------------------------------------------------------------
