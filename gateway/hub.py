@@ -267,9 +267,7 @@ class Hub:
             conn.write_frames(frame_events([payload for _, payload in replay]))
             sent_up_to = max(sent_up_to, replay[-1][0])
         writer = conn.queue_write if conn.paused else conn.raw_write
-        pending = self.registry.complete_join(room, conn, writer, sent_up_to, authoritative)
-        if pending:
-            conn.write_frames(frame_events(pending))
+        self.registry.complete_join(room, conn, writer, sent_up_to, authoritative)
         self._drain_registry()
 
     def _leave_room(self, room_id: str, conn: Connection) -> None:
@@ -280,10 +278,14 @@ class Hub:
             self._drain_registry()
 
     def _drain_registry(self) -> None:
-        """Carry out what the registry queued: released deliveries, fill requests."""
-        while self.registry.released:
-            self._write(self.registry.released.pop(0))
-        if self.registry.fill_requests:
+        """Carry out what the registry queued, in order: deliveries to write, then fills to start."""
+        registry = self.registry
+        while registry.outbox:
+            # Swapped out first: a write can close a socket, whose leave may queue more.
+            outbox, registry.outbox = registry.outbox, []
+            for delivery in outbox:
+                self._write(delivery)
+        if registry.fill_requests:
             self._start_fills()
 
     # ---- fan-out ------------------------------------------------------------------------
@@ -300,12 +302,9 @@ class Hub:
                     for payload in payloads:
                         self.access.on_control(payload)
                 continue  # else: unsubscribed meanwhile
-            delivery = deliver(room, payloads)
-            if delivery is not None:
-                self._write(delivery)
+            deliver(room, payloads)
+        self._drain_registry()
         self.m_fanout.observe(time.perf_counter() - started)
-        if self.registry.released or self.registry.fill_requests:
-            self._drain_registry()
 
     def _start_fills(self) -> None:
         for room in self.registry.fill_requests:
@@ -314,7 +313,7 @@ class Hub:
 
     def _write(self, delivery: Delivery) -> None:
         buffer = delivery.buffer
-        writers = delivery.room.writers  # a snapshot: a writer may close its socket
+        writers = delivery.room.writers if delivery.members else ()  # a snapshot: a writer may close its socket
         for write in writers:
             write(buffer)
         extra = delivery.extra
@@ -373,9 +372,8 @@ class Hub:
                 log.error("gap fill of %s gave up after %.0f s; delivering with the gap", room.id, FILL_GIVE_UP_S)
         if self.registry.rooms.get(room.id) is not room:
             return
-        delivery = self.registry.finish_fill(room, events)
-        if delivery is not None:
-            self._write(delivery)
+        self.registry.finish_fill(room, events)
+        self._drain_registry()
 
     async def _load_revocations(self) -> None:
         # Subscribed first, then read: a revocation published in between is

@@ -100,6 +100,16 @@ class ManagedProcess:
         stop_process(self.proc, timeout_s)
 
 
+def _listening(managed: ManagedProcess) -> ManagedProcess:
+    """`managed` once its port accepts connections; stopped, and the error raised, if it never does."""
+    try:
+        wait_for_port(managed.host, managed.port, 10.0, managed.proc)
+    except Exception:
+        managed.stop()
+        raise
+    return managed
+
+
 def _spawn_logged(args: list[str], log_path: Path | None, **popen: Any) -> subprocess.Popen[bytes]:
     """Start a server with stdout and stderr appended to log_path (or discarded)."""
     if log_path is None:
@@ -178,13 +188,7 @@ def start_redis(
         *(extra_args or []),
     ]
     proc = _spawn_logged(args, log_path, cwd=str(log_path.parent) if log_path else None)
-    managed = ManagedProcess("redis", proc, host, port, log_path)
-    try:
-        wait_for_port(host, port, 10.0, proc)
-    except Exception:
-        managed.stop()
-        raise
-    return managed
+    return _listening(ManagedProcess("redis", proc, host, port, log_path))
 
 
 def start_tansu(host: str = "127.0.0.1", port: int = 0, log_path: Path | None = None) -> ManagedProcess:
@@ -202,13 +206,7 @@ def start_tansu(host: str = "127.0.0.1", port: int = 0, log_path: Path | None = 
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "warn")
     proc = _spawn_logged(args, log_path, env=env)
-    managed = ManagedProcess("kafka", proc, host, port, log_path)
-    try:
-        wait_for_port(host, port, 10.0, proc)
-    except Exception:
-        managed.stop()
-        raise
-    return managed
+    return _listening(ManagedProcess("kafka", proc, host, port, log_path))
 
 
 def start_redis_cluster(nodes: int = 3, host: str = "127.0.0.1", work_dir: Path | None = None) -> list[ManagedProcess]:

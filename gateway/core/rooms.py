@@ -119,6 +119,8 @@ class Delivery:
     buffer: bytes
     count: int
     extra: list[tuple[Writer, bytes]] | None = None
+    # False: `buffer` is for nobody; only `extra` is written (a joiner's pending events).
+    members: bool = True
 
 
 @dataclass(slots=True)
@@ -148,11 +150,12 @@ class RoomRegistry:
         self.by_channel: dict[bytes, Room] = {}
         self.stats = RegistryStats()
         self.fill_gaps = fill_gaps
-        # Rooms whose gap the adapter must fill: drained by the adapter.
+        # The registry's one output style: what the adapter must do, queued in
+        # order and drained by it after each call (deliveries to write, rooms
+        # whose gap to fill from history). Calls return only facts about
+        # themselves (a room, whether it was the first or last member).
+        self.outbox: list[Delivery] = []
         self.fill_requests: list[Room] = []
-        # Deliveries for the adapter to write: held events complete_join released,
-        # and unsequenced events (they bypass the sequenced Delivery).
-        self.released: list[Delivery] = []
 
     # ---- membership ------------------------------------------------------
 
@@ -172,21 +175,22 @@ class RoomRegistry:
 
     def complete_join(
         self, room: Room, member: Member, writer: Writer, sent_up_to: int, authoritative: bool = False
-    ) -> list[bytes]:
+    ) -> None:
         """Finish a join after `joined` and any replay (up to seq `sent_up_to`) were sent.
 
         `authoritative`: sent_up_to is the room's position read from history
-        (not a guess), so it may become this process's position. Returns the
-        buffered live events the member still needs, in order; the caller
-        writes them right away, before yielding to the loop. Returns [] if the
-        member left meanwhile.
+        (not a guess), so it may become this process's position. Queues the
+        buffered live events the member still needs (a Delivery to `writer`
+        alone), which the caller writes right away, before yielding to the
+        loop. Nothing if the member left meanwhile.
         """
         buffered = room.joining.pop(member, None)
         if buffered is None:
-            return []
+            return
         pending = [payload for seq, payload in buffered if seq > sent_up_to]
         if pending:
             sent_up_to = max(sent_up_to, buffered[-1][0])
+            self.outbox.append(Delivery(room, b"", len(pending), [(writer, frame_events(pending))], members=False))
         if sent_up_to > room.last_seq:
             room.catching_up[member] = (writer, sent_up_to)
         else:
@@ -194,7 +198,6 @@ class RoomRegistry:
         room.authoritative = room.authoritative or authoritative
         if not room.known and not room.joining:
             self._joins_settled(room)
-        return pending
 
     def _joins_settled(self, room: Room) -> None:
         """The last join in flight of a room with no position ended (completed or left)."""
@@ -209,9 +212,7 @@ class RoomRegistry:
             # Events that came while only joins were in flight, now that there
             # is a position to check them against.
             held, room.held = room.held, []
-            delivery = self.deliver(room, [payload for _, payload in held])
-            if delivery is not None:
-                self.released.append(delivery)
+            self.deliver(room, [payload for _, payload in held])
 
     def _settle_position(self, room: Room) -> None:
         floors = [floor for _, floor in room.catching_up.values()]
@@ -258,13 +259,19 @@ class RoomRegistry:
 
     # ---- events ------------------------------------------------------------
 
-    def deliver(self, room: Room, payloads: list[bytes]) -> Delivery | None:
-        """Plan the delivery of a room's events from one Redis read, in order.
+    def deliver(self, room: Room, payloads: list[bytes]) -> None:
+        """Plan the delivery of a room's events from one Redis read, in order, into the outbox.
 
         Drops malformed events and those whose seq is not above the last one
         delivered; frames the rest once. With fill_gaps, stops at a gap and
-        holds the rest (see the class doc). None when nothing is left to write.
+        holds the rest (see the class doc). Nothing is queued when nothing is
+        left to write.
         """
+        delivery = self._deliver(room, payloads)
+        if delivery is not None:
+            self.outbox.append(delivery)
+
+    def _deliver(self, room: Room, payloads: list[bytes]) -> Delivery | None:
         if room.known and not (room.filling or room.joining or room.catching_up):
             # The steady state: every seq is the next one. One pass frames
             # them; anything else (a gap, a duplicate, junk) takes the general
@@ -339,8 +346,10 @@ class RoomRegistry:
             accepted.append(payload)
             seqs.append(seq)
         if unsequenced and room.members:
+            # Its own Delivery, queued ahead of the sequenced one: catching-up
+            # members get only what fills their sequence.
             stats.events_unsequenced += len(unsequenced)
-            self.released.append(Delivery(room, frame_events(unsequenced), len(unsequenced)))
+            self.outbox.append(Delivery(room, frame_events(unsequenced), len(unsequenced)))
         if not accepted:
             return None
         return self._accept(room, seqs, accepted)
@@ -357,8 +366,8 @@ class RoomRegistry:
         room.filling = True
         return room.last_seq
 
-    def finish_fill(self, room: Room, history: list[tuple[int, bytes]]) -> Delivery | None:
-        """Deliver history events and the held live ones merged by seq; resume live delivery.
+    def finish_fill(self, room: Room, history: list[tuple[int, bytes]]) -> None:
+        """Queue history events and the held live ones merged by seq; resume live delivery.
 
         Whatever seqs are still missing stay missing (counted in gaps_unfilled):
         delivery goes on rather than stalling the room for good.
@@ -375,12 +384,12 @@ class RoomRegistry:
         self.stats.events_duplicate += len(held) + len(history) - len(seqs)
         if not seqs:
             self.stats.gaps_filled += 1
-            return None
+            return
         if seqs[-1] - last == len(seqs):
             self.stats.gaps_filled += 1
         else:
             self.stats.gaps_unfilled += 1
-        return self._accept(room, seqs, [merged[s] for s in seqs])
+        self.outbox.append(self._accept(room, seqs, [merged[s] for s in seqs]))
 
     def _accept(self, room: Room, seqs: list[int], accepted: list[bytes]) -> Delivery:
         room.last_seq = seqs[-1]

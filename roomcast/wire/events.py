@@ -7,6 +7,8 @@ inside the client `message` frame. `IngestRecord` is the JSON on Kafka
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import msgspec
 
 __all__ = [
@@ -81,17 +83,23 @@ _seq_decoder = msgspec.json.Decoder(EventSeq)
 # surrogate. Callers catch DecodeError only, so these become one.
 _NOT_JSON = (RecursionError, UnicodeEncodeError)
 
+T = TypeVar("T")
+
 
 def encode_event(event: MessageEvent) -> bytes:
     return _event_encoder.encode(event)
 
 
-def decode_event(data: bytes | str) -> MessageEvent:
-    """Raises msgspec.DecodeError (a ValueError) on bad JSON or schema."""
+def _decode(decoder: msgspec.json.Decoder[T], data: bytes | str) -> T:
     try:
-        return _event_decoder.decode(data)
+        return decoder.decode(data)
     except _NOT_JSON as exc:
         raise msgspec.DecodeError(f"payload is not JSON: {exc}") from None
+
+
+def decode_event(data: bytes | str) -> MessageEvent:
+    """Raises msgspec.DecodeError (a ValueError) on bad JSON or schema."""
+    return _decode(_event_decoder, data)
 
 
 def encode_ingest(record: IngestRecord) -> bytes:
@@ -100,18 +108,12 @@ def encode_ingest(record: IngestRecord) -> bytes:
 
 def decode_ingest(data: bytes | str) -> IngestRecord:
     """Raises msgspec.DecodeError (a ValueError) on bad JSON or schema."""
-    try:
-        return _ingest_decoder.decode(data)
-    except _NOT_JSON as exc:
-        raise msgspec.DecodeError(f"payload is not JSON: {exc}") from None
+    return _decode(_ingest_decoder, data)
 
 
 def decode_event_seq(data: bytes) -> int:
     """The `seq` of an event payload. Raises msgspec.DecodeError if it has none."""
-    try:
-        return _seq_decoder.decode(data).seq
-    except _NOT_JSON as exc:
-        raise msgspec.DecodeError(f"payload is not JSON: {exc}") from None
+    return _decode(_seq_decoder, data).seq
 
 
 class _MaybeSeq(msgspec.Struct):
@@ -125,7 +127,4 @@ def decode_optional_seq(data: bytes) -> int | None:
     """The `seq` of an event payload, None for a JSON object without one (a
     third party's unsequenced event, PROTOCOL.md 6.7). Raises msgspec.DecodeError
     for anything that is not a JSON object, or a `seq` that is not an integer."""
-    try:
-        return _maybe_seq_decoder.decode(data).seq
-    except _NOT_JSON as exc:
-        raise msgspec.DecodeError(f"payload is not JSON: {exc}") from None
+    return _decode(_maybe_seq_decoder, data).seq

@@ -202,10 +202,13 @@ def test_fan_out_counts_an_absurdly_nested_event_as_malformed_and_delivers_the_r
     # Before: RecursionError out of RoomRegistry.deliver (its steady-state
     # path and decode_optional_seq), so the subscriber lost the whole read,
     # every room's messages in it, to one bad payload on one room's channel.
-    from tests.unit.test_rooms import ev, live_member, write_out
+    from gateway.core.rooms import frame_events
+    from tests.support import event
 
     registry = RoomRegistry()
-    sink = live_member(registry, "r1", "m1")
-    write_out(registry.deliver(registry.rooms["r1"], [ev(1), DEEP_EVENT, ev(2)]))
-    assert sink.seqs == [1, 2]
+    room, _ = registry.begin_join("r1", "m1")
+    registry.complete_join(room, "m1", lambda data: None, sent_up_to=0)
+    registry.deliver(room, [event("r1", 1), DEEP_EVENT, event("r1", 2)])
+    (delivery,) = registry.outbox
+    assert delivery.buffer == frame_events([event("r1", 1), event("r1", 2)])
     assert registry.stats.events_malformed == 1

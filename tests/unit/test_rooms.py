@@ -78,20 +78,71 @@ def write_out(delivery: Delivery | None) -> None:
         write(data)
 
 
+# The registry queues its outputs (RoomRegistry.outbox); these helpers take
+# what one call queued, the way the tests below read it.
+
+
+def payloads_of(buffer: bytes) -> list[bytes]:
+    """The event payloads inside a buffer of message frames (inverse of frame_events)."""
+    out, i = [], 0
+    while i < len(buffer):
+        length = buffer[i + 1]
+        i += 2
+        if length == 126:
+            (length,) = struct.unpack_from("!H", buffer, i)
+            i += 2
+        elif length == 127:
+            (length,) = struct.unpack_from("!Q", buffer, i)
+            i += 8
+        out.append(buffer[i + len(MESSAGE_ENVELOPE_HEAD) : i + length - len(MESSAGE_ENVELOPE_TAIL)])
+        i += length
+    return out
+
+
+def take_sequenced(registry: RoomRegistry) -> Delivery | None:
+    """The sequenced Delivery the last call queued, taken out of the outbox (None if none).
+    Unsequenced ones (a third party's events, queued ahead of it) stay."""
+    for i in range(len(registry.outbox) - 1, -1, -1):
+        d = registry.outbox[i]
+        if d.members and seqs_of(d.buffer):
+            return registry.outbox.pop(i)
+    return None
+
+
+def deliver(registry: RoomRegistry, room, payloads: list[bytes]) -> Delivery | None:
+    registry.deliver(room, payloads)
+    return take_sequenced(registry)
+
+
+def finish_fill(registry: RoomRegistry, room, history: list[tuple[int, bytes]]) -> Delivery | None:
+    registry.finish_fill(room, history)
+    return take_sequenced(registry)
+
+
+def complete_join(registry: RoomRegistry, room, member, writer, sent_up_to: int, authoritative: bool = False) -> list[bytes]:
+    """registry.complete_join, and the pending events it queued for this member alone (as payloads)."""
+    registry.complete_join(room, member, writer, sent_up_to, authoritative)
+    for i, d in enumerate(registry.outbox):
+        if not d.members and d.extra and d.extra[0][0] is writer:
+            del registry.outbox[i]
+            return payloads_of(d.extra[0][1])
+    return []
+
+
 def finish_join(registry: RoomRegistry, room, member, sink: Sink, sent_up_to: int, authoritative: bool = False) -> None:
     """What the adapter does after `joined` and the replay: write the pending
     events to the member, then every delivery the registry released."""
-    pending = registry.complete_join(room, member, sink, sent_up_to, authoritative)
+    pending = complete_join(registry, room, member, sink, sent_up_to, authoritative)
     if pending:
         sink(frame_events(pending))
-    while registry.released:
-        write_out(registry.released.pop(0))
+    while registry.outbox:
+        write_out(registry.outbox.pop(0))
 
 
 def live_member(registry: RoomRegistry, room_id: str, member, sent_up_to: int = 0, authoritative: bool = False) -> Sink:
     room, _ = registry.begin_join(room_id, member)
     sink = Sink()
-    pending = registry.complete_join(room, member, sink, sent_up_to, authoritative)
+    pending = complete_join(registry, room, member, sink, sent_up_to, authoritative)
     if pending:
         sink(frame_events(pending))
     return sink
@@ -160,7 +211,7 @@ def test_leave_of_a_catching_up_member_that_was_alone_reports_last():
     registry = RoomRegistry()
     live_member(registry, "r1", "m0")
     room, _ = registry.begin_join("r1", "m1")
-    registry.complete_join(room, "m1", Sink(), sent_up_to=10)
+    complete_join(registry, room, "m1", Sink(), sent_up_to=10)
     assert "m1" in room.catching_up
     assert registry.leave("r1", "m0") is False
     assert registry.leave("r1", "m1") is True
@@ -203,7 +254,7 @@ def test_set_writer_swaps_a_live_members_writer():
     old = live_member(registry, "r1", "m1")
     new = Sink()
     registry.set_writer("r1", "m1", new)
-    write_out(registry.deliver(registry.rooms["r1"], [ev(1)]))
+    write_out(deliver(registry, registry.rooms["r1"], [ev(1)]))
     assert old.writes == [] and new.seqs == [1]
 
 
@@ -211,14 +262,14 @@ def test_set_writer_also_reaches_a_catching_up_member():
     registry = RoomRegistry()
     live_member(registry, "r1", "m0")
     room = registry.rooms["r1"]
-    write_out(registry.deliver(room, [ev(1), ev(2)]))
+    write_out(deliver(registry, room, [ev(1), ev(2)]))
     registry.begin_join("r1", "m1")
     old = Sink()
-    registry.complete_join(room, "m1", old, sent_up_to=4)  # history ahead of Redis: catching up
+    complete_join(registry, room, "m1", old, sent_up_to=4)  # history ahead of Redis: catching up
     new = Sink()
     registry.set_writer("r1", "m1", new)  # its socket paused (or resumed)
-    write_out(registry.deliver(room, [ev(3), ev(4), ev(5)]))
-    write_out(registry.deliver(room, [ev(6)]))  # now live
+    write_out(deliver(registry, room, [ev(3), ev(4), ev(5)]))
+    write_out(deliver(registry, room, [ev(6)]))  # now live
     assert old.writes == []
     assert new.seqs == [5, 6]
 
@@ -239,7 +290,7 @@ def test_deliver_accepts_events_in_order_and_remembers_the_last_seq():
     registry = RoomRegistry()
     sink = live_member(registry, "r1", "m1")
     room = registry.rooms["r1"]
-    delivery = registry.deliver(room, [ev(1), ev(2), ev(3)])
+    delivery = deliver(registry, room, [ev(1), ev(2), ev(3)])
     write_out(delivery)
     assert delivery.count == 3
     assert room.last_seq == 3
@@ -251,8 +302,8 @@ def test_deliver_drops_seqs_not_above_the_last_delivered():
     registry = RoomRegistry()
     sink = live_member(registry, "r1", "m1")
     room = registry.rooms["r1"]
-    write_out(registry.deliver(room, [ev(1), ev(2), ev(3)]))
-    delivery = registry.deliver(room, [ev(2), ev(3), ev(4)])
+    write_out(deliver(registry, room, [ev(1), ev(2), ev(3)]))
+    delivery = deliver(registry, room, [ev(2), ev(3), ev(4)])
     write_out(delivery)
     assert sink.seqs == [1, 2, 3, 4]
     assert delivery.count == 1
@@ -262,7 +313,7 @@ def test_deliver_drops_seqs_not_above_the_last_delivered():
 def test_deliver_drops_duplicates_and_reorderings_within_one_batch():
     registry = RoomRegistry()
     sink = live_member(registry, "r1", "m1")
-    write_out(registry.deliver(registry.rooms["r1"], [ev(1), ev(1), ev(3), ev(2), ev(3), ev(4)]))
+    write_out(deliver(registry, registry.rooms["r1"], [ev(1), ev(1), ev(3), ev(2), ev(3), ev(4)]))
     assert sink.seqs == [1, 3, 4]
     assert registry.stats.events_duplicate == 3
 
@@ -271,8 +322,8 @@ def test_deliver_returns_none_when_every_event_is_a_duplicate():
     registry = RoomRegistry()
     sink = live_member(registry, "r1", "m1")
     room = registry.rooms["r1"]
-    write_out(registry.deliver(room, [ev(1), ev(2)]))
-    assert registry.deliver(room, [ev(1), ev(2)]) is None
+    write_out(deliver(registry, room, [ev(1), ev(2)]))
+    assert deliver(registry, room, [ev(1), ev(2)]) is None
     assert sink.seqs == [1, 2]
     assert room.last_seq == 2
 
@@ -285,7 +336,7 @@ def test_deliver_returns_none_when_every_event_is_a_duplicate():
 def test_deliver_drops_malformed_payloads_and_counts_them(bad):
     registry = RoomRegistry()
     sink = live_member(registry, "r1", "m1")
-    delivery = registry.deliver(registry.rooms["r1"], [ev(1), bad, ev(2)])
+    delivery = deliver(registry, registry.rooms["r1"], [ev(1), bad, ev(2)])
     write_out(delivery)
     assert sink.seqs == [1, 2]
     assert registry.stats.events_malformed == 1
@@ -295,7 +346,7 @@ def test_deliver_drops_malformed_payloads_and_counts_them(bad):
 def test_deliver_of_only_malformed_payloads_returns_none():
     registry = RoomRegistry()
     live_member(registry, "r1", "m1")
-    assert registry.deliver(registry.rooms["r1"], [b"x", b"[]"]) is None
+    assert deliver(registry, registry.rooms["r1"], [b"x", b"[]"]) is None
     assert registry.stats.events_malformed == 2
     assert registry.rooms["r1"].last_seq == 0
 
@@ -307,9 +358,9 @@ def test_an_event_without_seq_goes_to_the_live_members_unsequenced():
     registry = RoomRegistry(fill_gaps=True)
     sink = live_member(registry, "r1", "m1")
     room = registry.rooms["r1"]
-    write_out(registry.deliver(room, [ev(1), THIRD_PARTY, ev(2)]))
+    write_out(deliver(registry, room, [ev(1), THIRD_PARTY, ev(2)]))
     assert sink.seqs == [1, 2]
-    (extra,) = registry.released
+    (extra,) = registry.outbox
     assert extra.count == 1 and extra.buffer == frame_events([THIRD_PARTY])
     assert room.last_seq == 2 and not room.filling and not registry.fill_requests
     assert (registry.stats.events_unsequenced, registry.stats.gaps, registry.stats.events_malformed) == (1, 0, 0)
@@ -319,11 +370,11 @@ def test_an_event_without_seq_is_never_held_and_never_starts_a_fill():
     registry = RoomRegistry(fill_gaps=True)
     sink = live_member(registry, "r1", "m1")
     room = registry.rooms["r1"]
-    write_out(registry.deliver(room, [ev(1)]))
+    write_out(deliver(registry, room, [ev(1)]))
     assert registry.begin_fill(room) == 1  # e.g. after a Redis reconnect
-    assert registry.deliver(room, [THIRD_PARTY, b'{"seq":null,"body":"x"}']) is None
-    assert len(registry.released) == 1 and room.held == []
-    write_out(registry.finish_fill(room, [(2, ev(2))]))
+    assert deliver(registry, room, [THIRD_PARTY, b'{"seq":null,"body":"x"}']) is None
+    assert len(registry.outbox) == 1 and room.held == []
+    write_out(finish_fill(registry, room, [(2, ev(2))]))
     assert sink.seqs == [1, 2] and registry.fill_requests == []
 
 
@@ -331,8 +382,8 @@ def test_deliver_accepts_gaps_and_counts_them():
     registry = RoomRegistry()
     sink = live_member(registry, "r1", "m1")
     room = registry.rooms["r1"]
-    write_out(registry.deliver(room, [ev(1), ev(2), ev(5)]))
-    write_out(registry.deliver(room, [ev(9)]))
+    write_out(deliver(registry, room, [ev(1), ev(2), ev(5)]))
+    write_out(deliver(registry, room, [ev(9)]))
     assert sink.seqs == [1, 2, 5, 9]
     assert registry.stats.gaps == 2
 
@@ -340,7 +391,7 @@ def test_deliver_accepts_gaps_and_counts_them():
 def test_deliver_counts_no_gap_for_the_first_event_of_a_new_room():
     registry = RoomRegistry()
     sink = live_member(registry, "r1", "m1", sent_up_to=0)
-    write_out(registry.deliver(registry.rooms["r1"], [ev(57), ev(58)]))
+    write_out(deliver(registry, registry.rooms["r1"], [ev(57), ev(58)]))
     assert sink.seqs == [57, 58]
     assert registry.stats.gaps == 0
 
@@ -349,8 +400,8 @@ def test_deliver_keeps_the_last_seq_per_room():
     registry = RoomRegistry()
     a = live_member(registry, "a", "m1")
     b = live_member(registry, "b", "m1")
-    write_out(registry.deliver(registry.rooms["a"], [ev(1, "a"), ev(2, "a"), ev(3, "a")]))
-    write_out(registry.deliver(registry.rooms["b"], [ev(1, "b"), ev(2, "b")]))
+    write_out(deliver(registry, registry.rooms["a"], [ev(1, "a"), ev(2, "a"), ev(3, "a")]))
+    write_out(deliver(registry, registry.rooms["b"], [ev(1, "b"), ev(2, "b")]))
     assert (registry.rooms["a"].last_seq, registry.rooms["b"].last_seq) == (3, 2)
     assert a.seqs == [1, 2, 3] and b.seqs == [1, 2]
 
@@ -362,7 +413,7 @@ def test_deliver_frames_the_accepted_events_into_one_buffer():
     registry = RoomRegistry()
     live_member(registry, "r1", "m1")
     room = registry.rooms["r1"]
-    delivery = registry.deliver(room, [ev(1), b"junk", ev(2), ev(1), ev(3)])
+    delivery = deliver(registry, room, [ev(1), b"junk", ev(2), ev(1), ev(3)])
     assert delivery.room is room
     assert delivery.buffer == frame_events([ev(1), ev(2), ev(3)])
     assert delivery.count == 3
@@ -376,7 +427,7 @@ def test_deliver_frames_once_however_many_live_members(monkeypatch):
     registry = RoomRegistry()
     sinks = [live_member(registry, "r1", f"m{i}") for i in range(50)]
     calls.clear()
-    write_out(registry.deliver(registry.rooms["r1"], [ev(1), ev(2)]))
+    write_out(deliver(registry, registry.rooms["r1"], [ev(1), ev(2)]))
     assert calls == [2]
     first = sinks[0].writes[0]
     assert all(len(s.writes) == 1 and s.writes[0] is first for s in sinks)
@@ -385,7 +436,7 @@ def test_deliver_frames_once_however_many_live_members(monkeypatch):
 def test_every_live_member_gets_the_same_bytes_object():
     registry = RoomRegistry()
     sinks = [live_member(registry, "r1", m) for m in ("m1", "m2", "m3")]
-    delivery = registry.deliver(registry.rooms["r1"], [ev(1)])
+    delivery = deliver(registry, registry.rooms["r1"], [ev(1)])
     write_out(delivery)
     assert all(s.writes == [delivery.buffer] and s.writes[0] is delivery.buffer for s in sinks)
 
@@ -396,7 +447,7 @@ def test_every_live_member_gets_the_same_bytes_object():
 def test_joining_member_gets_nothing_until_complete_join():
     registry = RoomRegistry()
     room, _ = registry.begin_join("r1", "m1")
-    assert registry.deliver(room, [ev(1), ev(2)]) is None
+    assert deliver(registry, room, [ev(1), ev(2)]) is None
     assert room.members == {}
     # With only joins in flight the room has no position yet: its events wait for one.
     assert room.held == [(1, ev(1)), (2, ev(2))]
@@ -406,7 +457,7 @@ def test_joining_member_of_a_room_with_live_members_gets_a_buffer():
     registry = RoomRegistry()
     live_member(registry, "r1", "m0")
     room, _ = registry.begin_join("r1", "m1")
-    write_out(registry.deliver(room, [ev(1), ev(2)]))
+    write_out(deliver(registry, room, [ev(1), ev(2)]))
     assert room.joining["m1"] == [(1, ev(1)), (2, ev(2))]
 
 
@@ -414,10 +465,10 @@ def test_complete_join_returns_buffered_events_above_sent_up_to_in_order():
     registry = RoomRegistry()
     live_member(registry, "r1", "m0")
     room, _ = registry.begin_join("r1", "m1")
-    write_out(registry.deliver(room, [ev(1), ev(2)]))
-    write_out(registry.deliver(room, [ev(3), ev(4)]))
+    write_out(deliver(registry, room, [ev(1), ev(2)]))
+    write_out(deliver(registry, room, [ev(3), ev(4)]))
     sink = Sink()
-    assert registry.complete_join(room, "m1", sink, sent_up_to=2) == [ev(3), ev(4)]
+    assert complete_join(registry, room, "m1", sink, sent_up_to=2) == [ev(3), ev(4)]
     assert room.members["m1"] is sink
     assert "m1" not in room.joining
 
@@ -425,8 +476,8 @@ def test_complete_join_returns_buffered_events_above_sent_up_to_in_order():
 def test_events_held_before_a_fresh_room_has_a_position_go_out_above_the_joiners_history():
     registry = RoomRegistry()
     room, _ = registry.begin_join("r1", "m1")
-    registry.deliver(room, [ev(5), ev(6)])
-    registry.deliver(room, [ev(7), ev(8)])
+    deliver(registry, room, [ev(5), ev(6)])
+    deliver(registry, room, [ev(7), ev(8)])
     sink = Sink()
     finish_join(registry, room, "m1", sink, sent_up_to=6, authoritative=True)
     assert sink.seqs == [7, 8]
@@ -436,7 +487,7 @@ def test_events_held_before_a_fresh_room_has_a_position_go_out_above_the_joiners
 def test_complete_join_writes_nothing_when_history_covered_the_held_events():
     registry = RoomRegistry()
     room, _ = registry.begin_join("r1", "m1")
-    registry.deliver(room, [ev(5), ev(6)])
+    deliver(registry, room, [ev(5), ev(6)])
     sink = Sink()
     finish_join(registry, room, "m1", sink, sent_up_to=6, authoritative=True)
     assert sink.seqs == []
@@ -446,41 +497,41 @@ def test_complete_join_writes_nothing_when_history_covered_the_held_events():
 def test_a_gap_between_a_joiners_history_and_the_held_events_is_filled():
     registry = RoomRegistry(fill_gaps=True)
     room, _ = registry.begin_join("r1", "m1")
-    registry.deliver(room, [ev(8)])  # 7 was published before the SUBSCRIBE took
+    deliver(registry, room, [ev(8)])  # 7 was published before the SUBSCRIBE took
     sink = Sink()
     finish_join(registry, room, "m1", sink, sent_up_to=6, authoritative=True)
     assert registry.fill_requests == [room]
-    write_out(registry.finish_fill(room, [(7, ev(7)), (8, ev(8))]))
+    write_out(finish_fill(registry, room, [(7, ev(7)), (8, ev(8))]))
     assert sink.seqs == [7, 8]
 
 def test_complete_join_at_the_rooms_last_seq_makes_the_member_live():
     registry = RoomRegistry()
     live_member(registry, "r1", "m0")
     room = registry.rooms["r1"]
-    write_out(registry.deliver(room, [ev(1), ev(2), ev(3)]))
+    write_out(deliver(registry, room, [ev(1), ev(2), ev(3)]))
     sink = live_member(registry, "r1", "m1", sent_up_to=3)
     assert room.members["m1"] is sink
-    write_out(registry.deliver(room, [ev(4)]))
+    write_out(deliver(registry, room, [ev(4)]))
     assert sink.seqs == [4]
 
 
 def test_complete_join_behind_the_held_events_sends_them_and_goes_live():
     registry = RoomRegistry()
     room, _ = registry.begin_join("r1", "m1")
-    registry.deliver(room, [ev(1), ev(2), ev(3)])
+    deliver(registry, room, [ev(1), ev(2), ev(3)])
     sink = Sink()
     finish_join(registry, room, "m1", sink, sent_up_to=0)
     assert room.members == {"m1": sink}
-    write_out(registry.deliver(room, [ev(3), ev(4)]))
+    write_out(deliver(registry, room, [ev(3), ev(4)]))
     assert sink.seqs == [1, 2, 3, 4]
 
 
 def test_complete_join_ahead_of_the_room_makes_the_member_catch_up():
     registry = RoomRegistry()
     room, _ = registry.begin_join("r1", "m1")
-    registry.deliver(room, [ev(5)])
+    deliver(registry, room, [ev(5)])
     sink = Sink()
-    assert registry.complete_join(room, "m1", sink, sent_up_to=8) == []
+    assert complete_join(registry, room, "m1", sink, sent_up_to=8) == []
     assert room.catching_up == {"m1": (sink, 8)}
     assert room.members == {}
 
@@ -489,9 +540,9 @@ def test_complete_join_after_leaving_returns_nothing_and_adds_nobody():
     registry = RoomRegistry()
     live_member(registry, "r1", "m0")
     room, _ = registry.begin_join("r1", "m1")
-    registry.deliver(room, [ev(1)])
+    deliver(registry, room, [ev(1)])
     registry.leave("r1", "m1")
-    assert registry.complete_join(room, "m1", Sink(), sent_up_to=0) == []
+    assert complete_join(registry, room, "m1", Sink(), sent_up_to=0) == []
     assert not room.has("m1")
 
 
@@ -501,7 +552,7 @@ def test_complete_join_of_a_live_member_changes_nothing():
     room = registry.rooms["r1"]
     registry.begin_join("r1", "m1")  # a repeated join leaves it live
     assert room.members == {"m1": sink} and room.joining == {}
-    assert registry.complete_join(room, "m1", Sink(), sent_up_to=0) == []
+    assert complete_join(registry, room, "m1", Sink(), sent_up_to=0) == []
     assert room.members == {"m1": sink}
 
 
@@ -509,11 +560,11 @@ def test_each_joining_member_gets_its_own_buffer():
     registry = RoomRegistry()
     live_member(registry, "r1", "m0")
     room, _ = registry.begin_join("r1", "m1")
-    write_out(registry.deliver(room, [ev(1)]))
+    write_out(deliver(registry, room, [ev(1)]))
     registry.begin_join("r1", "m2")
-    write_out(registry.deliver(room, [ev(2)]))
-    assert registry.complete_join(room, "m1", Sink(), 0) == [ev(1), ev(2)]
-    assert registry.complete_join(room, "m2", Sink(), 0) == [ev(2)]
+    write_out(deliver(registry, room, [ev(2)]))
+    assert complete_join(registry, room, "m1", Sink(), 0) == [ev(1), ev(2)]
+    assert complete_join(registry, room, "m2", Sink(), 0) == [ev(2)]
 
 
 # ---- catching up -----------------------------------------------------------------
@@ -524,17 +575,17 @@ def catching_up_member(floor: int, last_seq: int = 0):
     live = live_member(registry, "r1", "live")
     room = registry.rooms["r1"]
     if last_seq:
-        write_out(registry.deliver(room, [ev(s) for s in range(1, last_seq + 1)]))
+        write_out(deliver(registry, room, [ev(s) for s in range(1, last_seq + 1)]))
     room, _ = registry.begin_join("r1", "m1")
     sink = Sink()
-    assert registry.complete_join(room, "m1", sink, sent_up_to=floor) == []
+    assert complete_join(registry, room, "m1", sink, sent_up_to=floor) == []
     assert "m1" in room.catching_up
     return registry, room, live, sink
 
 
 def test_catching_up_member_gets_nothing_at_or_below_its_floor():
     registry, room, live, sink = catching_up_member(floor=10, last_seq=5)
-    write_out(registry.deliver(room, [ev(6), ev(7), ev(8), ev(9), ev(10)]))
+    write_out(deliver(registry, room, [ev(6), ev(7), ev(8), ev(9), ev(10)]))
     assert sink.writes == []
     assert live.seqs[-5:] == [6, 7, 8, 9, 10]
     assert "m1" in room.catching_up
@@ -542,7 +593,7 @@ def test_catching_up_member_gets_nothing_at_or_below_its_floor():
 
 def test_catching_up_member_gets_only_the_events_above_its_floor():
     registry, room, live, sink = catching_up_member(floor=10, last_seq=5)
-    delivery = registry.deliver(room, [ev(s) for s in range(6, 14)])
+    delivery = deliver(registry, room, [ev(s) for s in range(6, 14)])
     write_out(delivery)
     assert sink.seqs == [11, 12, 13]
     assert [w for w, _ in delivery.extra] == [sink]
@@ -550,9 +601,9 @@ def test_catching_up_member_gets_only_the_events_above_its_floor():
 
 def test_catching_up_member_moves_to_live_without_repeating_an_event():
     registry, room, live, sink = catching_up_member(floor=10, last_seq=5)
-    write_out(registry.deliver(room, [ev(s) for s in range(6, 12)]))
-    write_out(registry.deliver(room, [ev(12), ev(13)]))
-    write_out(registry.deliver(room, [ev(14)]))
+    write_out(deliver(registry, room, [ev(s) for s in range(6, 12)]))
+    write_out(deliver(registry, room, [ev(12), ev(13)]))
+    write_out(deliver(registry, room, [ev(14)]))
     assert sink.seqs == [11, 12, 13, 14]
     assert room.members["m1"] is sink
     assert "m1" not in room.catching_up
@@ -560,8 +611,8 @@ def test_catching_up_member_moves_to_live_without_repeating_an_event():
 
 def test_catching_up_member_whose_batch_starts_above_its_floor_goes_live_on_the_shared_buffer():
     registry, room, live, sink = catching_up_member(floor=10, last_seq=5)
-    write_out(registry.deliver(room, [ev(s) for s in range(6, 11)]))
-    delivery = registry.deliver(room, [ev(11), ev(12)])
+    write_out(deliver(registry, room, [ev(s) for s in range(6, 11)]))
+    delivery = deliver(registry, room, [ev(11), ev(12)])
     write_out(delivery)
     assert not delivery.extra
     assert sink.writes == [delivery.buffer] and sink.writes[0] is live.writes[-1]
@@ -573,11 +624,11 @@ def test_only_member_joining_a_fresh_room_from_history_sets_the_rooms_position()
     room, first = registry.begin_join("r1", "m1")
     assert first
     sink = Sink()
-    registry.complete_join(room, "m1", sink, sent_up_to=57, authoritative=True)  # history said 57
+    complete_join(registry, room, "m1", sink, sent_up_to=57, authoritative=True)  # history said 57
     assert room.last_seq == 57 and room.known
     assert room.members == {"m1": sink}
-    assert registry.deliver(room, [ev(56), ev(57)]) is None
-    write_out(registry.deliver(room, [ev(58)]))
+    assert deliver(registry, room, [ev(56), ev(57)]) is None
+    write_out(deliver(registry, room, [ev(58)]))
     assert sink.seqs == [58]
     assert registry.stats.events_duplicate == 2
 
@@ -585,7 +636,7 @@ def test_only_member_joining_a_fresh_room_from_history_sets_the_rooms_position()
 def test_a_gap_right_after_the_only_join_of_a_fresh_room_is_counted():
     registry = RoomRegistry()
     sink = live_member(registry, "r1", "m1", sent_up_to=57, authoritative=True)
-    write_out(registry.deliver(registry.rooms["r1"], [ev(60)]))
+    write_out(deliver(registry, registry.rooms["r1"], [ev(60)]))
     assert sink.seqs == [60]
     assert registry.stats.gaps == 1
 
@@ -594,9 +645,9 @@ def test_a_join_without_history_does_not_set_the_rooms_position():
     registry = RoomRegistry()
     room, _ = registry.begin_join("r1", "m1")
     sink = Sink()
-    registry.complete_join(room, "m1", sink, sent_up_to=0, authoritative=False)
+    complete_join(registry, room, "m1", sink, sent_up_to=0, authoritative=False)
     assert not room.known
-    write_out(registry.deliver(room, [ev(41), ev(42)]))  # taken as they come
+    write_out(deliver(registry, room, [ev(41), ev(42)]))  # taken as they come
     assert sink.seqs == [41, 42]
     assert registry.stats.gaps == 0
 
@@ -607,7 +658,7 @@ def test_an_authoritative_join_settles_the_room_at_the_lowest_position_of_its_me
     room = registry.rooms["r1"]
     registry.begin_join("r1", "m1")
     sink = Sink()
-    registry.complete_join(room, "m1", sink, sent_up_to=9, authoritative=True)
+    complete_join(registry, room, "m1", sink, sent_up_to=9, authoritative=True)
     # m0 still needs everything above 0, so the process stands at 0 (a gap
     # above it is filled for m0) and m1 catches up from 9.
     assert room.known and room.last_seq == 0
@@ -620,10 +671,10 @@ def test_concurrent_joins_of_a_fresh_room_lose_nothing_whichever_completes_first
     registry.begin_join("r1", "m2")
     # m2 read history at 10; 11 was stored; m1 read history at 11 and completes first.
     s1, s2 = Sink(), Sink()
-    registry.complete_join(room, "m1", s1, sent_up_to=11, authoritative=True)
-    write_out(registry.deliver(room, [ev(11)]))  # 11 reaches Redis after both SUBSCRIBEs
+    complete_join(registry, room, "m1", s1, sent_up_to=11, authoritative=True)
+    write_out(deliver(registry, room, [ev(11)]))  # 11 reaches Redis after both SUBSCRIBEs
     finish_join(registry, room, "m2", s2, sent_up_to=10, authoritative=True)
-    write_out(registry.deliver(room, [ev(12)]))
+    write_out(deliver(registry, room, [ev(12)]))
     assert s1.seqs == [12]
     assert s2.seqs == [11, 12]
 
@@ -633,9 +684,9 @@ def test_slower_joiner_of_a_fresh_room_gets_events_its_history_did_not_have():
     room, _ = registry.begin_join("r1", "m1")
     registry.begin_join("r1", "m2")
     s1, s2 = Sink(), Sink()
-    registry.complete_join(room, "m1", s1, sent_up_to=11, authoritative=True)
-    registry.complete_join(room, "m2", s2, sent_up_to=10, authoritative=True)
-    write_out(registry.deliver(room, [ev(11), ev(12)]))
+    complete_join(registry, room, "m1", s1, sent_up_to=11, authoritative=True)
+    complete_join(registry, room, "m2", s2, sent_up_to=10, authoritative=True)
+    write_out(deliver(registry, room, [ev(11), ev(12)]))
     assert s1.seqs == [12]
     assert s2.seqs == [11, 12]
 
@@ -647,7 +698,7 @@ def filling_registry():
     registry = RoomRegistry(fill_gaps=True)
     sink = live_member(registry, "r1", "m1")
     room = registry.rooms["r1"]
-    write_out(registry.deliver(room, [ev(1), ev(2)]))
+    write_out(deliver(registry, room, [ev(1), ev(2)]))
     return registry, room, sink
 
 
@@ -655,14 +706,14 @@ def test_without_fill_gaps_a_gap_is_delivered_at_once():
     registry = RoomRegistry()
     sink = live_member(registry, "r1", "m1")
     room = registry.rooms["r1"]
-    write_out(registry.deliver(room, [ev(1), ev(4)]))
+    write_out(deliver(registry, room, [ev(1), ev(4)]))
     assert sink.seqs == [1, 4]
     assert registry.fill_requests == [] and not room.filling
 
 
 def test_gap_delivers_the_events_before_it_and_holds_the_rest_for_a_fill():
     registry, room, sink = filling_registry()
-    delivery = registry.deliver(room, [ev(3), ev(6), ev(7), b"junk", ev(4)])
+    delivery = deliver(registry, room, [ev(3), ev(6), ev(7), b"junk", ev(4)])
     write_out(delivery)
     assert sink.seqs == [1, 2, 3]
     assert room.filling
@@ -674,8 +725,8 @@ def test_gap_delivers_the_events_before_it_and_holds_the_rest_for_a_fill():
 
 def test_while_filling_every_event_is_held_and_no_second_fill_is_requested():
     registry, room, sink = filling_registry()
-    assert registry.deliver(room, [ev(5)]) is None
-    assert registry.deliver(room, [ev(6), ev(9)]) is None
+    assert deliver(registry, room, [ev(5)]) is None
+    assert deliver(registry, room, [ev(6), ev(9)]) is None
     assert sink.seqs == [1, 2]
     assert registry.fill_requests == [room]
     assert [seq for seq, _ in room.held] == [5, 6, 9]
@@ -683,28 +734,28 @@ def test_while_filling_every_event_is_held_and_no_second_fill_is_requested():
 
 def test_finish_fill_delivers_history_and_held_events_merged_by_seq():
     registry, room, sink = filling_registry()
-    registry.deliver(room, [ev(5), ev(6)])
-    delivery = registry.finish_fill(room, [(3, ev(3)), (4, ev(4)), (5, ev(5))])
+    deliver(registry, room, [ev(5), ev(6)])
+    delivery = finish_fill(registry, room, [(3, ev(3)), (4, ev(4)), (5, ev(5))])
     write_out(delivery)
     assert sink.seqs == [1, 2, 3, 4, 5, 6]
     assert not room.filling and room.held == []
     assert room.last_seq == 6
     assert registry.stats.gaps_filled == 1 and registry.stats.gaps_unfilled == 0
-    write_out(registry.deliver(room, [ev(7)]))  # live delivery resumes
+    write_out(deliver(registry, room, [ev(7)]))  # live delivery resumes
     assert sink.seqs[-1] == 7
 
 
 def test_finish_fill_drops_seqs_already_delivered():
     registry, room, sink = filling_registry()
-    registry.deliver(room, [ev(4)])
-    write_out(registry.finish_fill(room, [(1, ev(1)), (2, ev(2)), (3, ev(3)), (3, ev(3))]))
+    deliver(registry, room, [ev(4)])
+    write_out(finish_fill(registry, room, [(1, ev(1)), (2, ev(2)), (3, ev(3)), (3, ev(3))]))
     assert sink.seqs == [1, 2, 3, 4]
 
 
 def test_finish_fill_that_cannot_close_the_gap_delivers_anyway_and_counts_it():
     registry, room, sink = filling_registry()
-    registry.deliver(room, [ev(6)])
-    write_out(registry.finish_fill(room, [(3, ev(3))]))  # 4 and 5 are gone from history
+    deliver(registry, room, [ev(6)])
+    write_out(finish_fill(registry, room, [(3, ev(3))]))  # 4 and 5 are gone from history
     assert sink.seqs == [1, 2, 3, 6]
     assert registry.stats.gaps_unfilled == 1
     assert not room.filling
@@ -714,20 +765,20 @@ def test_finish_fill_with_nothing_new_returns_none_and_resumes():
     registry = RoomRegistry(fill_gaps=True)
     sink = live_member(registry, "r1", "m1")
     room = registry.rooms["r1"]
-    write_out(registry.deliver(room, [ev(1)]))
+    write_out(deliver(registry, room, [ev(1)]))
     assert registry.begin_fill(room) == 1
-    assert registry.finish_fill(room, []) is None
+    assert finish_fill(registry, room, []) is None
     assert not room.filling
-    write_out(registry.deliver(room, [ev(2)]))
+    write_out(deliver(registry, room, [ev(2)]))
     assert sink.seqs == [1, 2]
 
 
 def test_begin_fill_holds_live_events_after_the_last_seq():
     registry, room, sink = filling_registry()
     assert registry.begin_fill(room) == 2
-    assert registry.deliver(room, [ev(5)]) is None
+    assert deliver(registry, room, [ev(5)]) is None
     assert registry.begin_fill(room) is None  # one fill at a time
-    write_out(registry.finish_fill(room, [(3, ev(3)), (4, ev(4))]))
+    write_out(finish_fill(registry, room, [(3, ev(3)), (4, ev(4))]))
     assert sink.seqs == [1, 2, 3, 4, 5]
 
 
@@ -736,11 +787,11 @@ def test_fill_reaches_joining_and_catching_up_members_by_their_floor():
     registry.begin_join("r1", "joiner")
     registry.begin_join("r1", "catcher")
     catcher = Sink()
-    registry.complete_join(room, "catcher", catcher, sent_up_to=4)  # history ahead of Redis
-    registry.deliver(room, [ev(6)])  # gap after 2: fill
-    write_out(registry.finish_fill(room, [(3, ev(3)), (4, ev(4)), (5, ev(5))]))
+    complete_join(registry, room, "catcher", catcher, sent_up_to=4)  # history ahead of Redis
+    deliver(registry, room, [ev(6)])  # gap after 2: fill
+    write_out(finish_fill(registry, room, [(3, ev(3)), (4, ev(4)), (5, ev(5))]))
     joiner = Sink()
-    joiner(frame_events(registry.complete_join(room, "joiner", joiner, sent_up_to=3)))
+    joiner(frame_events(complete_join(registry, room, "joiner", joiner, sent_up_to=3)))
     assert live.seqs == [1, 2, 3, 4, 5, 6]
     assert catcher.seqs == [5, 6]
     assert joiner.seqs == [4, 5, 6]
@@ -760,10 +811,10 @@ BUG_CONCURRENT_JOINS_NO_FILL = (
 def reconnect_and_fill(registry: RoomRegistry, room, history: list[int], live_after: list[int]) -> None:
     """What the adapter does after a Redis reconnect (Hub.on_redis_connected, Hub._fill)."""
     started = registry.begin_fill(room)
-    write_out(registry.deliver(room, [ev(s) for s in live_after]))
+    write_out(deliver(registry, room, [ev(s) for s in live_after]))
     if started is not None or registry.fill_requests:
         registry.fill_requests.clear()
-        write_out(registry.finish_fill(room, [(s, ev(s)) for s in history]))
+        write_out(finish_fill(registry, room, [(s, ev(s)) for s in history]))
 
 
 def test_events_lost_during_a_redis_outage_are_filled():
@@ -772,7 +823,7 @@ def test_events_lost_during_a_redis_outage_are_filled():
     room = registry.rooms["r1"]
     # Redis drops; 6 is published meanwhile and lost; 7 arrives after the reconnect.
     reconnect_and_fill(registry, room, history=[6, 7], live_after=[7])
-    write_out(registry.deliver(room, [ev(8)]))
+    write_out(deliver(registry, room, [ev(8)]))
     assert sink.seqs == [6, 7, 8]
 
 
@@ -790,8 +841,8 @@ def test_events_lost_during_a_redis_outage_after_concurrent_joins_are_filled():
     room, _ = registry.begin_join("r1", "m1")
     registry.begin_join("r1", "m2")
     s1, s2 = Sink(), Sink()
-    registry.complete_join(room, "m1", s1, sent_up_to=10, authoritative=True)
-    registry.complete_join(room, "m2", s2, sent_up_to=10, authoritative=True)
+    complete_join(registry, room, "m1", s1, sent_up_to=10, authoritative=True)
+    complete_join(registry, room, "m2", s2, sent_up_to=10, authoritative=True)
     # Redis drops; 11 is published meanwhile and lost; 12 arrives after the reconnect.
     reconnect_and_fill(registry, room, history=[11, 12], live_after=[12])
     assert s1.seqs == [11, 12]
@@ -902,17 +953,17 @@ def test_every_member_gets_each_seq_at_most_once_in_increasing_order(fill_gaps, 
             ms = current.get((m, r))
             if ms is not None and ms.floor is None:
                 sent_up_to = max(0, head[r] + delta)  # history may trail or lead the Redis path
-                pending = registry.complete_join(ms.room, m, ms.sink, sent_up_to, authoritative)
+                pending = complete_join(registry, ms.room, m, ms.sink, sent_up_to, authoritative)
                 ms.floor = sent_up_to
                 if pending:
                     ms.sink(frame_events(pending))  # the caller writes them right away
-                while registry.released:  # held events, released now that the room has a position
-                    record(r, registry.released.pop(0))
+                while registry.outbox:  # held events, released now that the room has a position
+                    record(r, registry.outbox.pop(0))
             else:
                 room = registry.rooms.get(r) or (ms.room if ms else None)
                 if room is not None:
                     before = room_state(room)
-                    assert registry.complete_join(room, m, Sink(), 0, True) == []
+                    assert complete_join(registry, room, m, Sink(), 0, True) == []
                     assert room_state(room) == before
         elif kind == "leave":
             _, index, anyone = op
@@ -922,8 +973,8 @@ def test_every_member_gets_each_seq_at_most_once_in_increasing_order(fill_gaps, 
                 finished.append(ms)
             others = any(key[1] == r for key in current)
             assert registry.leave(r, m) == (ms is not None and not others)
-            while registry.released:  # a leave can settle the position too
-                record(r, registry.released.pop(0))
+            while registry.outbox:  # a leave can settle the position too
+                record(r, registry.outbox.pop(0))
             if not others:
                 assert r not in registry.rooms
                 last_accepted[r] = 0  # a new Room starts with nothing delivered
@@ -939,7 +990,7 @@ def test_every_member_gets_each_seq_at_most_once_in_increasing_order(fill_gaps, 
                 payloads.append(ev(seq, r))
             room = registry.by_channel.get(b"room:" + r.encode())
             if room is not None:  # not subscribed: the adapter never sees it
-                record(r, registry.deliver(room, payloads))
+                record(r, deliver(registry, room, payloads))
         elif kind == "begin_fill":
             room = registry.rooms.get(op[1])
             if room is not None:
@@ -952,7 +1003,7 @@ def test_every_member_gets_each_seq_at_most_once_in_increasing_order(fill_gaps, 
             room = registry.rooms.get(r)
             if room is not None and room.filling:
                 history = [(max(1, room.last_seq + d), ev(max(1, room.last_seq + d), r)) for d in sorted(offsets)]
-                record(r, registry.finish_fill(room, history))
+                record(r, finish_fill(registry, room, history))
                 assert not room.filling and room.held == []
         registry.fill_requests.clear()  # the adapter drains them
 
@@ -1018,7 +1069,7 @@ class RealisticRun:
         if self.down or room is None or not (new or old):
             return  # lost, or nobody subscribed
         batch = [ev(s) for s in old[:1] + new + old[1:]]
-        self.write(self.registry.deliver(room, batch))
+        self.write(deliver(self.registry, room, batch))
 
     def fill(self) -> None:
         room = self.room()
@@ -1026,7 +1077,7 @@ class RealisticRun:
         if room is None or not room.filling or self.down:
             return
         history = [(s, ev(s)) for s in range(room.last_seq + 1, self.stored + 1)]
-        self.write(self.registry.finish_fill(room, history))
+        self.write(finish_fill(self.registry, room, history))
 
     def write(self, delivery: Delivery | None) -> None:
         write_out(delivery)
@@ -1050,8 +1101,8 @@ class RealisticRun:
             if m in self.members:
                 self.left.append(self.members.pop(m))
             self.registry.leave("r1", m)
-            while self.registry.released:
-                write_out(self.registry.released.pop(0))
+            while self.registry.outbox:
+                write_out(self.registry.outbox.pop(0))
         elif kind == "outage":
             self.down = True
         elif kind == "reconnect":
