@@ -27,9 +27,9 @@ import time
 from collections.abc import Callable
 
 from chat.adapters.http import Authorizer, build_http_server
-from chat.adapters.kafka import IngestPipeline, KafkaTuning, PipelineStatistics, wall_clock_ms
+from chat.adapters.kafka import IngestPipeline, PipelineStatistics, wall_clock_ms
 from chat.storage import MessageStore, Retention, StoreError, open_store
-from roomcast.config import ChatConfig
+from roomcast.config import ChatConfig, KafkaTuning
 from roomcast.logs import setup_logging
 from roomcast.kafka import ConsumerStalled
 from roomcast.metrics import MetricsRegistry

@@ -21,7 +21,7 @@ from gateway.adapters.kafka import IngestProducer
 from gateway.adapters.websocket import Connection
 from gateway.core.rooms import Delivery, Room, RoomRegistry, frame_events
 from gateway.core.session import CheckToken, Close, JoinRoom, LeaveRoom, Post, Reply
-from roomcast.config import GatewayConfig
+from roomcast.config import GATEWAY_TIMINGS, GatewayConfig
 from roomcast.metrics import SIZE_BUCKETS, MetricsRegistry
 from roomcast.wire.codes import ErrorCode
 from roomcast.wire.control import CONTROL_CHANNEL
@@ -36,18 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["Hub"]
 
 log = logging.getLogger("roomcast.gateway")
-
-# A join waits this long for its SUBSCRIBE confirmation; past it (Redis down)
-# it completes anyway and the reconnect's re-subscribe and gap check cover it.
-SUBSCRIBE_WAIT_S = 2.0
-# A `since` replay bigger than this is answered with recovered:false.
-MAX_REPLAY = 5000
-# A slow consumer that has not read its 4000 close after this long is cut.
-SLOW_ABORT_S = 5.0
-# A gap fill retries history this long before it lets the room go on with the gap.
-FILL_GIVE_UP_S = 30.0
-# Fills run at most this many at once (a Redis reconnect checks every room).
-FILL_CONCURRENCY = 16
 
 _CONTROL_CHANNEL = CONTROL_CHANNEL.encode()
 
@@ -74,7 +62,7 @@ class Hub:
         self.paused: set[Connection] = set()
         self.subscriptions: dict[str, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._fill_slots = asyncio.Semaphore(FILL_CONCURRENCY)
+        self._fill_slots = asyncio.Semaphore(GATEWAY_TIMINGS.fill_concurrency)
         self._init_metrics(metrics)
 
     def attach(self, subscriber: RedisSubscriber | ClusterSubscriber, access: AccessGuard) -> None:
@@ -157,7 +145,7 @@ class Hub:
             self.paused.discard(conn)
             self.m_slow.value += 1
             log.info("closing slow consumer %s (send buffer over %d bytes)", conn.session.user, limit)
-            conn.end_slow(abort_after_s=SLOW_ABORT_S)
+            conn.end_slow(abort_after_s=GATEWAY_TIMINGS.slow_abort_s)
 
     # ---- actions from the session ---------------------------------------------------
 
@@ -216,7 +204,7 @@ class Hub:
         # what is published after the confirmation is buffered for this socket,
         # what was published before it is in history.
         try:
-            await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_WAIT_S)
+            await asyncio.wait_for(asyncio.shield(confirmed), GATEWAY_TIMINGS.subscribe_wait_s)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             log.warning("join of %s went ahead without a confirmed subscription", room.id)
         latest, recovered, replay, authoritative = room.last_seq, True, [], False
@@ -249,7 +237,7 @@ class Hub:
         latest, events = await self.history.page(room_id, after=since, limit=500)
         if since >= latest:
             return latest, True, []
-        if latest - since > MAX_REPLAY or not events or events[0][0] != since + 1:
+        if latest - since > GATEWAY_TIMINGS.max_replay or not events or events[0][0] != since + 1:
             return latest, False, []  # older than what is retained: reload over HTTP
         while events[-1][0] < latest:
             _, more = await self.history.page(room_id, after=events[-1][0], limit=500)
@@ -343,7 +331,7 @@ class Hub:
         """Fetch what the room missed after its last delivered seq, then deliver it with the held events."""
         assert self.history is not None
         loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + FILL_GIVE_UP_S
+        give_up_at = loop.time() + GATEWAY_TIMINGS.fill_give_up_s
         events: list[tuple[int, bytes]] = []
         delay = 0.05
         async with self._fill_slots:
@@ -358,7 +346,7 @@ class Hub:
                     after = room.last_seq
                     latest, page = await self.history.page(room.id, after=after, limit=500)
                     events = page
-                    while events and events[-1][0] < latest and len(events) < MAX_REPLAY:
+                    while events and events[-1][0] < latest and len(events) < GATEWAY_TIMINGS.max_replay:
                         _, more = await self.history.page(room.id, after=events[-1][0], limit=500)
                         if not more:
                             break
@@ -369,7 +357,7 @@ class Hub:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
             else:
-                log.error("gap fill of %s gave up after %.0f s; delivering with the gap", room.id, FILL_GIVE_UP_S)
+                log.error("gap fill of %s gave up after %.0f s; delivering with the gap", room.id, GATEWAY_TIMINGS.fill_give_up_s)
         if self.registry.rooms.get(room.id) is not room:
             return
         self.registry.finish_fill(room, events)
@@ -378,7 +366,7 @@ class Hub:
     async def _load_revocations(self) -> None:
         # Subscribed first, then read: a revocation published in between is
         # in the hash or on the channel, never in neither.
-        deadline = time.monotonic() + SUBSCRIBE_WAIT_S
+        deadline = time.monotonic() + GATEWAY_TIMINGS.subscribe_wait_s
         while not self.subscriber.is_confirmed(_CONTROL_CHANNEL) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         try:

@@ -31,7 +31,7 @@ from gateway.core.rooms import RoomRegistry
 from gateway.core.session import Session, SessionLimits
 from gateway.hub import Hub
 from roomcast.auth import AuthError, Authenticator, gateway_history_headers
-from roomcast.config import GatewayConfig, gateway_id
+from roomcast.config import GATEWAY_TIMINGS, GatewayConfig, gateway_id
 from roomcast.http import HttpServer, Router
 from roomcast.metrics import MetricsRegistry
 from roomcast.stopping import StopAction, StopSignals
@@ -41,9 +41,6 @@ from roomcast.wire.control import CONTROL_CHANNEL
 __all__ = ["GatewayWorker", "run_worker", "run_worker_process"]
 
 log = logging.getLogger("roomcast.gateway")
-
-# A worker announces itself ready once connected, or after this long anyway.
-READY_WAIT_S = 30.0
 
 
 class GatewayWorker:
@@ -369,7 +366,7 @@ def run_worker_process(config: GatewayConfig, worker_index: int) -> None:
         # Printed once Redis and Kafka are connected (or after a bound wait):
         # `roomcast dev` waits for one such line per worker.
         async def announce() -> None:
-            deadline = time.monotonic() + READY_WAIT_S
+            deadline = time.monotonic() + GATEWAY_TIMINGS.ready_wait_s
             while not app.ready and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             if not app.ready:

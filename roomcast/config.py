@@ -23,6 +23,9 @@ __all__ = [
     "GatewayConfig",
     "ChatConfig",
     "DevConfig",
+    "GatewayTimings",
+    "GATEWAY_TIMINGS",
+    "KafkaTuning",
     "load",
     "to_environ",
     "settings_table",
@@ -155,6 +158,58 @@ class DevConfig:
     data_dir: str = setting(".roomcast-dev", "where the SQLite database and logs go")
     partitions: int = setting(4, "partitions of each topic")
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class GatewayTimings:
+    """Bounds inside a gateway worker. Not user settings: each is tied to another
+    fact (a protocol rule, a group timeout) or was tuned with the fault suite."""
+
+    # A join waits this long for its SUBSCRIBE confirmation; past it (Redis down)
+    # it completes anyway and the reconnect's re-subscribe and gap check cover it.
+    subscribe_wait_s: float = 2.0
+    # A `since` replay bigger than this is answered with recovered:false.
+    max_replay: int = 5000
+    # A slow consumer that has not read its 4000 close after this long is cut.
+    slow_abort_s: float = 5.0
+    # A gap fill retries history this long before it lets the room go on with the gap.
+    fill_give_up_s: float = 30.0
+    # Fills run at most this many at once (a Redis reconnect checks every room).
+    fill_concurrency: int = 16
+    # A worker announces itself ready once connected, or after this long anyway.
+    ready_wait_s: float = 30.0
+    # A relay revocation waits this long for the batch in flight; past it the
+    # group goes on and the batch is not committed (relayed again, dropped by seq).
+    relay_revoke_grace_s: float = 2.0
+    # Each PUBLISH pipeline and each commit of the relay is bounded, so a batch
+    # never holds the member back from a rebalance for long.
+    relay_step_timeout_s: float = 5.0
+
+
+GATEWAY_TIMINGS = GatewayTimings()
+
+
+@dataclass(frozen=True)
+class KafkaTuning:
+    """Timings of the chat ingest pipeline's Kafka clients and retries.
+
+    Not user settings: tuned with the fault suite. The session timeout is a
+    setting (`kafka_session_timeout_ms`).
+    """
+
+    heartbeat_interval_ms: int = 1000
+    # A batch takes milliseconds and its revocation waits revoke_grace_s: a
+    # member not back within this is gone (and the watchdog's bound, derived
+    # from it, stays short).
+    rebalance_timeout_ms: int = 6000
+    poll_timeout_ms: int = 100  # getmany wait when idle; bounds how fast a stop is seen
+    request_timeout_ms: int = 10_000
+    revoke_grace_s: float = 3.0  # how long a revocation waits for the in-flight batch
+    shutdown_grace_s: float = 5.0  # how long a stop lets a failing batch keep retrying
+    retry_initial_s: float = 0.05
+    retry_max_s: float = 2.0
+    connect_retry_max_s: float = 5.0
+
 
 
 Section = TypeVar("Section", GatewayConfig, ChatConfig, DevConfig)

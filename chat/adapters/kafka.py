@@ -48,7 +48,7 @@ from aiokafka.structs import ConsumerRecord
 
 from chat.core.validation import validate_ingest
 from chat.storage.base import MessageStore, StoredMessage, StoreError
-from roomcast.config import ChatConfig
+from roomcast.config import ChatConfig, KafkaTuning
 from roomcast.kafka.clients import Retry, start_with_retry, stop_quietly
 from roomcast.kafka.consumer import GroupConsumer, MemberSettings
 from roomcast.kafka.offsets import Fetched
@@ -65,27 +65,6 @@ _TRANSIENT = (StoreError, KafkaError, OSError, TimeoutError)
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-@dataclass(frozen=True)
-class KafkaTuning:
-    """Timings of the pipeline's Kafka clients and retries (not user settings yet).
-
-    The session timeout is a setting (`kafka_session_timeout_ms`).
-    """
-
-    heartbeat_interval_ms: int = 1000
-    # A batch takes milliseconds and its revocation waits revoke_grace_s: a
-    # member not back within this is gone (and the watchdog's bound, derived
-    # from it, stays short).
-    rebalance_timeout_ms: int = 6000
-    poll_timeout_ms: int = 100  # getmany wait when idle; bounds how fast a stop is seen
-    request_timeout_ms: int = 10_000
-    revoke_grace_s: float = 3.0  # how long a revocation waits for the in-flight batch
-    shutdown_grace_s: float = 5.0  # how long a stop lets a failing batch keep retrying
-    retry_initial_s: float = 0.05
-    retry_max_s: float = 2.0
-    connect_retry_max_s: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from roomcast.config import GATEWAY_TIMINGS
 from roomcast.kafka.clients import Retry, start_with_retry
 from roomcast.kafka.consumer import GroupConsumer, MemberSettings
 from roomcast.kafka.membership import ConsumerStalled
@@ -100,13 +101,6 @@ class IngestProducer:
 
 Publish = Callable[[list[tuple[bytes, bytes]]], Awaitable[None]]
 
-# A revocation waits this long for the in-flight batch; past it the group goes
-# on and the batch's commit fails (its records are relayed again, and dropped
-# by seq at every gateway).
-REVOKE_GRACE_S = 2.0
-# Each PUBLISH pipeline and each commit is bounded, so a batch can never hold
-# the member back from a rebalance for long.
-BATCH_STEP_TIMEOUT_S = 5.0
 
 
 class CreatedRelay(GroupConsumer):
@@ -146,13 +140,13 @@ class CreatedRelay(GroupConsumer):
                 member_name=client_id,
                 session_timeout_ms=session_timeout_ms,
                 # A batch takes milliseconds and its revocation waits at most
-                # REVOKE_GRACE_S: a member not back within a session is gone.
+                # GATEWAY_TIMINGS.relay_revoke_grace_s: a member not back within a session is gone.
                 rebalance_timeout_ms=session_timeout_ms,
                 heartbeat_interval_ms=max(300, session_timeout_ms // 6),
                 fetch_max_wait_ms=fetch_max_wait_ms,
                 max_records=max_records,
                 static=static_membership,
-                revoke_grace_s=REVOKE_GRACE_S,
+                revoke_grace_s=GATEWAY_TIMINGS.relay_revoke_grace_s,
                 retry=CONNECT_RETRY,
                 connect_retry=CONNECT_RETRY,
             ),
@@ -181,11 +175,11 @@ class CreatedRelay(GroupConsumer):
         # partition's records stay in order inside the pipeline, and a commit
         # per partition would cost a broker round trip each.
         records = [(r.key or b"", r.value or b"") for rs in batch.values() for r in rs]
-        await asyncio.wait_for(self.publish(records), BATCH_STEP_TIMEOUT_S)
+        await asyncio.wait_for(self.publish(records), GATEWAY_TIMINGS.relay_step_timeout_s)
         self.published += len(records)
         if epoch != self.epoch:
             return  # revoked meanwhile: the new owner relays these again (dropped by seq)
-        await asyncio.wait_for(consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items()}), BATCH_STEP_TIMEOUT_S)
+        await asyncio.wait_for(consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items()}), GATEWAY_TIMINGS.relay_step_timeout_s)
 
     async def aclose(self) -> None:
         """Finish the in-flight batch, commit, leave the group. Idempotent."""

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from chat.adapters.kafka import KafkaTuning
+from roomcast.config import KafkaTuning
 from roomcast.watchdog import stall_bound_s
 from roomcast.wire.events import CREATED_TOPIC, decode_event
 from tests.e2e.chaos import (

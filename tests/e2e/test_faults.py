@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from chat.adapters.kafka import KafkaTuning
+from roomcast.config import KafkaTuning
 from roomcast.watchdog import stall_bound_s
 from roomcast.wire.events import CREATED_TOPIC, INGEST_TOPIC, decode_event, decode_ingest
 from tests.e2e.chaos import (

@@ -28,7 +28,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from chat.adapters.http import HistoryApi, Refusal, build_http_server, json_error, load_page
-from chat.adapters.kafka import KafkaTuning
+from roomcast.config import KafkaTuning
 from chat.app import ChatService, run_chat
 from chat.storage import MessageStore, StoredMessage, StoreError, open_store
 from chat.storage.sqlite import SqliteStore
