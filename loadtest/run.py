@@ -21,15 +21,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from roomcast.embedded import stop_process
+from roomcast.devstack import DevProcess, DevProcessFailed, start_dev_process
+from roomcast.embedded import free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-READY = "roomcast ready "
 
 # --smoke: 75 sockets, ~45 posts/s, ~550 deliveries/s, for 12 s after spawning.
 # Its budgets are loose on purpose (a CI tripwire for errors, loss and gross
@@ -48,51 +47,6 @@ SMOKE = {
     "idle_users": 20,
     "churn_users": 5,
 }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_stack(data_dir: Path, workers: int, timeout_s: float = 90.0) -> tuple[subprocess.Popen[bytes], str, list[str]]:
-    """`roomcast dev` on a free port; returns (process, ws url, its output lines so far)."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ROOMCAST_REQUIRE_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "roomcast.cli", "dev", "--port", str(port), "--workers", str(workers), "--data-dir", str(data_dir)],
-        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-    )
-    lines: list[str] = []
-    found: list[str] = []
-    seen = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        with (data_dir / "dev-stack.log").open("w") as log:
-            for raw in proc.stdout:
-                line = raw.decode(errors="replace").rstrip("\n")
-                lines.append(line)
-                log.write(line + "\n")
-                if not found and line.startswith(READY):
-                    pairs = dict(p.split("=", 1) for p in line[len(READY):].split() if "=" in p)
-                    found.append(pairs.get("ws", ""))
-                    seen.set()
-        seen.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not seen.wait(timeout_s) or not found:
-        stop_stack(proc)
-        tail = "\n".join(lines[-40:])
-        raise RuntimeError(f"roomcast dev did not become ready in {timeout_s:.0f} s; its output:\n{tail}")
-    return proc, found[0], lines
-
-
-def stop_stack(proc: subprocess.Popen[bytes]) -> None:
-    stop_process(proc, timeout_s=40.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,14 +90,17 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="roomcast-loadtest-") as tmp:
-        proc = None
+        dev: DevProcess | None = None
         host = args.host
         if host is None:
+            # The test switches of the CI are no settings of the stack (roomcast refuses unknown ROOMCAST_*).
+            env = {k: v for k, v in os.environ.items() if not k.startswith("ROOMCAST_REQUIRE_")}
             try:
-                proc, host, _ = start_stack(Path(tmp), args.workers)
-            except RuntimeError as exc:
+                dev = start_dev_process(Path(tmp), "--port", str(free_port()), "--workers", str(args.workers), env=env)
+            except DevProcessFailed as exc:
                 print(f"loadtest: {exc}", file=sys.stderr)
                 return 1
+            host = dev.fields["ws"]
             print(f"loadtest: roomcast dev ready at {host} in {time.monotonic() - started:.1f} s", flush=True)
         cmd = [
             sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"),
@@ -159,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             code = subprocess.run(cmd, cwd=REPO).returncode
         finally:
-            if proc is not None:
-                stop_stack(proc)
+            if dev is not None:
+                dev.stop()
     print(f"loadtest: exit {code} after {time.monotonic() - started:.1f} s; reports in {reports}/{name}*", flush=True)
     return code
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from roomcast.config import DevConfig
-from roomcast.devstack import STARTUP_TIMEOUT_S, ReadyLines, chat_command, gateway_command, spawn, stop_all
+from roomcast.devstack import STARTUP_TIMEOUT_S, ReadyLines, chat_command, format_ready_line, gateway_command, spawn, stop_all
 from roomcast.embedded import (
     ManagedProcess,
     MissingBinary,
@@ -29,9 +29,7 @@ from roomcast.embedded import (
 )
 from roomcast.kafka import ensure_topics
 
-__all__ = ["run_dev", "READY_PREFIX"]
-
-READY_PREFIX = "roomcast ready "
+__all__ = ["run_dev"]
 # The chat service is restarted when it exits, at most this often a minute.
 CHAT_RESTARTS_PER_MINUTE = 5
 
@@ -93,8 +91,10 @@ def run_dev(config: DevConfig) -> int:
             return 1
 
         print(
-            f"{READY_PREFIX}ws={ws_url} redis=redis://{redis.address} kafka={kafka.address} "
-            f"history={history_url} page=http://{host}:{http_port}/",
+            format_ready_line(
+                ws=ws_url, redis=f"redis://{redis.address}", kafka=kafka.address,
+                history=history_url, page=f"http://{host}:{http_port}/",
+            ),
             flush=True,
         )
         chat_restarts: list[float] = []

@@ -22,11 +22,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from roomcast.embedded import ManagedProcess, free_port, start_redis, start_tansu, wait_for_port
+from roomcast.embedded import ManagedProcess, free_port, start_redis, start_tansu, stop_process, wait_for_port
 from roomcast.kafka import ensure_topics
 
 __all__ = [
     "DRAIN_WINDOW_S",
+    "READY_PREFIX",
+    "DevProcess",
+    "DevProcessFailed",
+    "format_ready_line",
+    "parse_ready_line",
+    "start_dev_process",
     "LOOPBACK",
     "STARTUP_TIMEOUT_S",
     "ReadyLines",
@@ -48,6 +54,10 @@ STARTUP_TIMEOUT_S = 60.0
 DRAIN_WINDOW_S = 0.5
 # Stopping a stack: gateways get their drain, then everything else.
 STOP_TIMEOUT_S = 40.0
+
+READY_PREFIX = "roomcast ready "
+"""`roomcast dev` prints one line starting with this once everything is up."""
+READY_FIELDS = ("ws", "redis", "kafka", "history", "page")
 
 
 def cli_command(*args: str) -> list[str]:
@@ -221,3 +231,87 @@ def start_stack(
         raise
     time.sleep(0.1)  # a moment for the gateways' first subscriptions and group joins
     return Stack(redis, kafka, chat, gws, data_dir, history_url, logs, tuple(chat_args), tuple(gateway_args))
+
+
+# ---- `roomcast dev` as a child process (the load test, the e2e fixture) ------------
+
+
+def format_ready_line(**fields: str) -> str:
+    """The `roomcast ready ws=... redis=... kafka=... history=... page=...` line."""
+    return READY_PREFIX + " ".join(f"{name}={fields[name]}" for name in READY_FIELDS)
+
+
+def parse_ready_line(line: str) -> dict[str, str] | None:
+    """The fields of a ready line; None for any other line. Raises ValueError for a ready line lacking a field."""
+    if not line.startswith(READY_PREFIX):
+        return None
+    fields = dict(pair.split("=", 1) for pair in line[len(READY_PREFIX):].split() if "=" in pair)
+    missing = [name for name in READY_FIELDS if name not in fields]
+    if missing:
+        raise ValueError(f"ready line lacks {', '.join(missing)}: {line!r}")
+    return fields
+
+
+class DevProcessFailed(RuntimeError):
+    """`roomcast dev` exited or printed no ready line in time; the message ends with its output."""
+
+
+@dataclass
+class DevProcess:
+    """A running `roomcast dev`: its ready line's fields (ws, redis, kafka, history, page) and its output."""
+
+    proc: subprocess.Popen[bytes]
+    fields: dict[str, str]
+    lines: list[str]
+    _pump: threading.Thread
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM (it drains), then SIGKILL after timeout_s."""
+        stop_process(self.proc, timeout_s)
+        self._pump.join(5)
+
+
+def start_dev_process(data_dir: Path, *flags: str, timeout_s: float = 90.0, env: dict[str, str] | None = None) -> DevProcess:
+    """Run `roomcast dev --data-dir data_dir *flags` and wait for its ready line.
+
+    Its output goes to data_dir/dev-stack.log (and `lines`), read to the end
+    so its pipe never fills. Raises DevProcessFailed with the output's tail.
+    """
+    proc = subprocess.Popen(
+        cli_command("dev", "--data-dir", str(data_dir), *flags),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+    )
+    lines: list[str] = []
+    found: list[dict[str, str]] = []
+    seen = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        with proc.stdout, (data_dir / "dev-stack.log").open("w", encoding="utf-8") as log:
+            for raw in proc.stdout:
+                line = raw.decode(errors="replace").rstrip("\n")
+                lines.append(line)
+                log.write(line + "\n")
+                log.flush()
+                if not found:
+                    try:
+                        fields = parse_ready_line(line)
+                    except ValueError as exc:
+                        lines.append(f"[devstack] {exc}")
+                        fields = None
+                    if fields is not None:
+                        found.append(fields)
+                        seen.set()
+        seen.set()  # end of output: the process is gone
+
+    reader = threading.Thread(target=pump, name="roomcast-dev-output", daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout_s
+    while not seen.wait(0.1) and proc.poll() is None and time.monotonic() < deadline:
+        pass
+    if found:
+        return DevProcess(proc, found[0], lines, reader)
+    why = f"exited with {proc.poll()}" if proc.poll() is not None else f"printed no ready line within {timeout_s:.0f} s"
+    stop_process(proc, STOP_TIMEOUT_S)
+    reader.join(5)
+    raise DevProcessFailed(f"roomcast dev {why}; its output:\n" + ("\n".join(lines[-200:]) or "(no output)"))

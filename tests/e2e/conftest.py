@@ -12,18 +12,14 @@ and must use their own room ids.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from roomcast.embedded import free_port, stop_process
+from roomcast.devstack import DevProcessFailed, start_dev_process
+from roomcast.embedded import free_port
 from tests.support import TIMEOUT_FACTOR
 
 __all__ = ["DevStack", "dev_stack", "READY_TIMEOUT_S", "STOP_TIMEOUT_S"]
@@ -32,8 +28,6 @@ __all__ = ["DevStack", "dev_stack", "READY_TIMEOUT_S", "STOP_TIMEOUT_S"]
 READY_TIMEOUT_S = 90.0 * TIMEOUT_FACTOR
 STOP_TIMEOUT_S = 40.0
 
-_READY_LINE = re.compile(r"^roomcast ready (?P<pairs>.*)$")
-_FIELDS = ("ws", "redis", "kafka", "history", "page")
 # Test switches that are no settings of the stack: `roomcast` refuses unknown
 # ROOMCAST_* variables, so they are not passed to it.
 _NOT_SETTINGS = ("ROOMCAST_REQUIRE_BROWSER",)
@@ -57,40 +51,6 @@ class DevStack:
     proc: subprocess.Popen[bytes]
 
 
-def parse_ready_line(line: str) -> dict[str, str] | None:
-    """The key=value pairs of a `roomcast ready ...` line, or None for any other line."""
-    match = _READY_LINE.match(line.strip())
-    if match is None:
-        return None
-    pairs = dict(pair.split("=", 1) for pair in match["pairs"].split() if "=" in pair)
-    missing = [name for name in _FIELDS if name not in pairs]
-    if missing:
-        raise AssertionError(f"ready line lacks {', '.join(missing)}: {line!r}")
-    return pairs
-
-
-def _pump(proc: subprocess.Popen[bytes], log_path: Path, lines: list[str], ready: list[dict[str, str]], seen: threading.Event) -> None:
-    """Read the stack's output to the end (so its pipe never fills), keeping it and looking for the ready line."""
-    assert proc.stdout is not None
-    # The pipe is closed at EOF: left to the garbage collector it warns in a later test.
-    with proc.stdout, log_path.open("w", encoding="utf-8") as log:
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
-            lines.append(line)
-            log.write(line + "\n")
-            log.flush()
-            if not ready:
-                try:
-                    pairs = parse_ready_line(line)
-                except AssertionError as exc:
-                    lines.append(f"[dev_stack] {exc}")
-                    pairs = None
-                if pairs is not None:
-                    ready.append(pairs)
-                    seen.set()
-    seen.set()  # end of output: the process is gone
-
-
 @pytest.fixture(scope="module")
 def dev_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
     """`roomcast dev --port <free> --workers 2 --data-dir <tmp>`, running until the module ends.
@@ -99,42 +59,16 @@ def dev_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
     READY_TIMEOUT_S or the process exits first. Teardown sends SIGTERM and
     waits STOP_TIMEOUT_S before killing it.
     """
-    data_dir = tmp_path_factory.mktemp("dev-stack")
-    port = free_port()
     env = {key: value for key, value in os.environ.items() if key not in _NOT_SETTINGS}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "roomcast.cli", "dev", "--port", str(port), "--workers", "2", "--data-dir", str(data_dir)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    lines: list[str] = []
-    ready: list[dict[str, str]] = []
-    seen = threading.Event()
-    pump = threading.Thread(target=_pump, args=(proc, data_dir / "dev-stack.log", lines, ready, seen), daemon=True)
-    pump.start()
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not seen.wait(0.1) and proc.poll() is None and time.monotonic() < deadline:
-            pass
-        if not ready:
-            if seen.is_set():  # no ready line but the end of its output: it is exiting
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    pass
-            why = (
-                f"exited with {proc.poll()}" if proc.poll() is not None
-                else f"printed no `roomcast ready ...` line within {READY_TIMEOUT_S:.0f} s"
-            )
-            stop_process(proc, STOP_TIMEOUT_S)
-            pump.join(5)
-            output = "\n".join(lines[-200:]) or "(no output)"
-            pytest.fail(f"roomcast dev {why}; its output:\n{output}", pytrace=False)
-        pairs = ready[0]
-        stack = DevStack(pairs["ws"], pairs["redis"], pairs["kafka"], pairs["history"], pairs["page"], proc)
-        yield stack
+        dev = start_dev_process(
+            tmp_path_factory.mktemp("dev-stack"), "--port", str(free_port()), "--workers", "2",
+            timeout_s=READY_TIMEOUT_S, env=env,
+        )
+    except DevProcessFailed as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        f = dev.fields
+        yield DevStack(f["ws"], f["redis"], f["kafka"], f["history"], f["page"], dev.proc)
     finally:
-        stop_process(proc, STOP_TIMEOUT_S)
-        pump.join(5)
+        dev.stop(STOP_TIMEOUT_S)

@@ -7,6 +7,8 @@ import os
 import uuid
 from pathlib import Path
 
+import pytest
+
 from roomcast.devstack import ReadyLines, start_stack
 from tests.support import Client
 
@@ -62,3 +64,14 @@ async def test_a_post_reaches_members_on_both_gateways_and_stop_leaves_no_child(
         await asyncio.to_thread(stack.stop)
     assert all(p.proc.returncode is not None for p in [*stack.gateways, stack.chat, stack.kafka, stack.redis])
     assert _children() <= before
+
+
+def test_the_ready_line_round_trips_and_a_partial_one_is_refused() -> None:
+    from roomcast.devstack import format_ready_line, parse_ready_line
+
+    fields = {"ws": "ws://h:1/ws", "redis": "redis://h:2", "kafka": "h:3", "history": "http://h:4/", "page": "http://h:4/"}
+    line = format_ready_line(**fields)
+    assert line.startswith("roomcast ready ws=") and parse_ready_line(line) == fields
+    assert parse_ready_line("gateway worker 0 ready port=1") is None
+    with pytest.raises(ValueError, match="lacks page"):
+        parse_ready_line(line.rsplit(" ", 1)[0])
