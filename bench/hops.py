@@ -530,7 +530,9 @@ async def run_redis_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
         await fleet.connect()
         loop = asyncio.get_running_loop()
         transport, pub = await loop.create_connection(_RedisPublisher, redis.host, redis.port)
-        channels = {room: b"room:" + room.encode() for room in fleet.room_ids}
+        from roomcast.wire.events import room_channel
+
+        channels = {room: room_channel(room).encode() for room in fleet.room_ids}
 
         def send(room: str, seq: int, index: int) -> None:
             t = time.monotonic_ns()

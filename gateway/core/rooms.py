@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import msgspec
 
 from gateway.core.server_frames import text_frame_header
-from roomcast.wire.events import ROOM_CHANNEL_PREFIX, EventSeq, decode_optional_seq
+from roomcast.wire.events import EventSeq, decode_optional_seq, room_channel
 from roomcast.wire.frames import MESSAGE_ENVELOPE_HEAD, MESSAGE_ENVELOPE_TAIL
 
 __all__ = ["Room", "RoomRegistry", "Delivery", "Writer", "frame_events", "RegistryStats"]
@@ -64,7 +64,7 @@ class Room:
 
     def __init__(self, room_id: str) -> None:
         self.id = room_id
-        self.channel = (ROOM_CHANNEL_PREFIX + room_id).encode()
+        self.channel = room_channel(room_id).encode()
         self.members: dict[Member, Writer] = {}
         self.joining: dict[Member, list[tuple[int, bytes]]] = {}
         self.catching_up: dict[Member, tuple[Writer, int]] = {}
