@@ -100,10 +100,10 @@ class ManagedProcess:
         stop_process(self.proc, timeout_s)
 
 
-def _listening(managed: ManagedProcess) -> ManagedProcess:
+def _listening(managed: ManagedProcess, timeout_s: float = 10.0) -> ManagedProcess:
     """`managed` once its port accepts connections; stopped, and the error raised, if it never does."""
     try:
-        wait_for_port(managed.host, managed.port, 10.0, managed.proc)
+        wait_for_port(managed.host, managed.port, timeout_s, managed.proc)
     except Exception:
         managed.stop()
         raise
