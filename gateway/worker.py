@@ -31,7 +31,7 @@ from gateway.core.rooms import RoomRegistry
 from gateway.core.session import Session, SessionLimits
 from gateway.hub import Hub
 from roomcast.auth import AuthError, Authenticator, gateway_history_headers
-from roomcast.config import GATEWAY_TIMINGS, GatewayConfig, gateway_id
+from roomcast.config import GATEWAY_TIMINGS, GatewayConfig, broker_profile, gateway_id
 from roomcast.http import HttpServer, Router
 from roomcast.metrics import MetricsRegistry
 from roomcast.stopping import StopAction, StopSignals
@@ -64,6 +64,7 @@ class GatewayWorker:
             linger_ms=config.produce_linger_ms,
             timeout_ms=config.produce_timeout_ms,
             client_id=self.name,
+            idempotent=broker_profile(config).idempotent_producer,
         )
         self.history = HistoryClient(
             config.history_url,
@@ -87,7 +88,7 @@ class GatewayWorker:
         self.relay = CreatedRelay(
             config.kafka_bootstrap,
             self.publisher.publish_events,
-            fetch_max_wait_ms=config.fetch_max_wait_ms,
+            fetch_max_wait_ms=broker_profile(config).fetch_max_wait_ms,
             client_id=self.name,
             session_timeout_ms=config.kafka_session_timeout_ms,
             # Static membership: a restarted worker takes its partitions back

@@ -1,8 +1,8 @@
 """A real single-node Apache Kafka (KRaft) on loopback, for the dev stack and the tests.
 
 The jars come from Maven Central through tools/kafka/pom.xml, resolved once
-per pom into a cache outside the repository (~/.cache/roomcast, or
-$ROOMCAST_KAFKA_CACHE); nothing is downloaded from anywhere else. One JVM is
+per pom into a cache outside the repository ($XDG_CACHE_HOME/roomcast, else
+~/.cache/roomcast); nothing is downloaded from anywhere else. One JVM is
 both broker and controller, its storage formatted in a data directory of its
 own, with a bounded heap. Production runs its own Kafka; this never ships.
 
@@ -58,7 +58,7 @@ def find_kafka_jars() -> Path:
     if not POM.exists():
         raise MissingBinary(f"{POM} is missing: real Kafka runs from a roomcast source checkout")
     digest = hashlib.sha1(POM.read_bytes()).hexdigest()[:12]
-    cache = Path(os.environ.get("ROOMCAST_KAFKA_CACHE") or Path.home() / ".cache" / "roomcast")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "roomcast"
     jars = cache / f"kafka-jars-{digest}"
     if (jars / ".complete").exists():
         return jars

@@ -23,6 +23,9 @@ __all__ = [
     "GatewayConfig",
     "ChatConfig",
     "DevConfig",
+    "BROKER_PROFILES",
+    "BrokerProfile",
+    "broker_profile",
     "GatewayTimings",
     "GATEWAY_TIMINGS",
     "KafkaTuning",
@@ -95,9 +98,11 @@ class GatewayConfig:
     ping_timeout_s: float = setting(20.0, "drop a connection whose pong is this late", unit="s")
     produce_linger_ms: int = setting(2, "Kafka producer linger for message.ingest", unit="ms")
     produce_timeout_ms: int = setting(5000, "a post not acked by Kafka in this time gets `unavailable`", unit="ms")
-    fetch_max_wait_ms: int = setting(
-        10, "Kafka consumer fetch wait; keep small on the embedded broker, which does not wake waiting fetches", unit="ms"
+    kafka_profile: str = setting(
+        "kafka", "the broker's engine, which picks client settings (BROKER_PROFILES): kafka (Apache Kafka) or tansu (the embedded broker)",
+        choices=("kafka", "tansu"),
     )
+    fetch_max_wait_ms: int = setting(0, "Kafka consumer fetch wait; 0: the kafka_profile's (kafka 500, tansu 10)", unit="ms")
     kafka_session_timeout_ms: int = setting(
         6000, "the relay's consumer-group session: a dead worker's partitions move on after it", unit="ms"
     )
@@ -120,7 +125,11 @@ class ChatConfig:
     http_host: str = setting("0.0.0.0", "address of the history HTTP API")
     http_port: int = setting(8081, "port of the history HTTP API")
     batch_max: int = setting(500, "ingest records handled per batch")
-    fetch_max_wait_ms: int = setting(10, "Kafka consumer fetch wait", unit="ms")
+    kafka_profile: str = setting(
+        "kafka", "the broker's engine, which picks client settings (BROKER_PROFILES): kafka (Apache Kafka) or tansu (the embedded broker)",
+        choices=("kafka", "tansu"),
+    )
+    fetch_max_wait_ms: int = setting(0, "Kafka consumer fetch wait; 0: the kafka_profile's (kafka 500, tansu 10)", unit="ms")
     instance_id: str = setting("", "this instance's name in group chat-service; default <hostname>")
     kafka_session_timeout_ms: int = setting(
         6000, "the ingest consumer-group session: a dead instance's partitions move on after it", unit="ms"
@@ -157,7 +166,37 @@ class DevConfig:
     workers: int = setting(2, "gateway worker processes")
     data_dir: str = setting(".roomcast-dev", "where the SQLite database and logs go")
     partitions: int = setting(4, "partitions of each topic")
+    broker: str = setting(
+        "tansu", "the Kafka-protocol broker to start: tansu (embedded, no Java) or kafka (Apache Kafka; needs a JDK and Maven)",
+        choices=("tansu", "kafka"),
+    )
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class BrokerProfile:
+    """Kafka client settings that depend on the broker's engine."""
+
+    fetch_max_wait_ms: int
+    idempotent_producer: bool
+
+
+BROKER_PROFILES = {
+    # Apache Kafka wakes a waiting fetch when data arrives, so a long poll
+    # costs no latency; the idempotent producer is what its operators expect.
+    "kafka": BrokerProfile(fetch_max_wait_ms=500, idempotent_producer=True),
+    # Tansu 0.6 never wakes a waiting fetch (each waits out its maximum), and
+    # has no InitProducerId (no idempotent producer; dedupe is client_msg_id).
+    "tansu": BrokerProfile(fetch_max_wait_ms=10, idempotent_producer=False),
+}
+
+
+def broker_profile(config: Any) -> BrokerProfile:
+    """The client settings for a GatewayConfig's or ChatConfig's kafka_profile, with its own fetch wait if set."""
+    profile = BROKER_PROFILES[config.kafka_profile]
+    if config.fetch_max_wait_ms:
+        return dataclasses.replace(profile, fetch_max_wait_ms=config.fetch_max_wait_ms)
+    return profile
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """`roomcast dev`: the whole stack, embedded, on loopback.
 
-Starts redis-server, the Tansu Kafka broker, the topics, the chat service
+Starts redis-server, the broker (--broker: Tansu, embedded, or Apache Kafka), the topics, the chat service
 (SQLite in --data-dir, history API, the demo page) and the gateway with
 --workers processes; prints one `roomcast ready ...` line that scripts parse;
 stops everything on Ctrl-C or SIGTERM.
@@ -16,7 +16,16 @@ import time
 from pathlib import Path
 
 from roomcast.config import DevConfig
-from roomcast.devstack import STARTUP_TIMEOUT_S, ReadyLines, chat_command, format_ready_line, gateway_command, spawn, stop_all
+from roomcast.devstack import (
+    STARTUP_TIMEOUT_S,
+    ReadyLines,
+    chat_command,
+    format_ready_line,
+    gateway_command,
+    spawn,
+    start_broker,
+    stop_all,
+)
 from roomcast.embedded import (
     ManagedProcess,
     MissingBinary,
@@ -24,7 +33,6 @@ from roomcast.embedded import (
     free_port,
     port_is_free,
     start_redis,
-    start_tansu,
     wait_for_port,
 )
 from roomcast.kafka import ensure_topics
@@ -57,7 +65,7 @@ def run_dev(config: DevConfig) -> int:
         try:
             redis = start_redis(host, log_path=logs / "redis.log")
             children.append(redis)
-            kafka = start_tansu(host, log_path=logs / "kafka.log")
+            kafka = start_broker(config.broker, host, log_path=logs / "kafka.log")
             children.append(kafka)
         except (MissingBinary, PortInUse, RuntimeError, TimeoutError) as exc:
             _say(str(exc))
@@ -69,7 +77,7 @@ def run_dev(config: DevConfig) -> int:
         history_url = f"http://{host}:{http_port}/"
         chat_args = chat_command(
             kafka.address, f"sqlite:///{data_dir / 'roomcast.db'}", host, http_port,
-            "--page-ws-url", ws_url, "--log-level", config.log_level,
+            "--page-ws-url", ws_url, "--log-level", config.log_level, "--kafka-profile", config.broker,
         )
         # The chat service's output is ours; the gateway's stdout is read for the
         # workers' ready lines, its other lines printed through.
@@ -78,7 +86,7 @@ def run_dev(config: DevConfig) -> int:
         workers_ready = ReadyLines(config.workers, other=lambda line: print(line, flush=True))
         gateway_args = gateway_command(
             host, config.port, config.workers, f"redis://{redis.address}", kafka.address, history_url,
-            "--log-level", config.log_level,
+            "--log-level", config.log_level, "--kafka-profile", config.broker,
         )
         children.append(spawn("gateway", gateway_args, host, config.port, workers_ready, merge_stderr=False))
 

@@ -26,7 +26,9 @@ from roomcast.embedded import ManagedProcess, free_port, start_redis, start_tans
 from roomcast.kafka import ensure_topics
 
 __all__ = [
+    "BROKERS",
     "DRAIN_WINDOW_S",
+    "start_broker",
     "READY_PREFIX",
     "DevProcess",
     "DevProcessFailed",
@@ -55,6 +57,9 @@ DRAIN_WINDOW_S = 0.5
 # Stopping a stack: gateways get their drain, then everything else.
 STOP_TIMEOUT_S = 40.0
 
+BROKERS = ("tansu", "kafka")
+"""The Kafka-protocol brokers a stack can run on: Tansu (embedded, no Java) or Apache Kafka."""
+
 READY_PREFIX = "roomcast ready "
 """`roomcast dev` prints one line starting with this once everything is up."""
 READY_FIELDS = ("ws", "redis", "kafka", "history", "page")
@@ -63,6 +68,17 @@ READY_FIELDS = ("ws", "redis", "kafka", "history", "page")
 def cli_command(*args: str) -> list[str]:
     """`roomcast ARGS` with this interpreter (works without the console script on PATH)."""
     return [sys.executable, "-m", "roomcast.cli", *args]
+
+
+def start_broker(kind: str, host: str = LOOPBACK, log_path: Path | None = None) -> ManagedProcess:
+    """Start the broker `kind` (BROKERS) on a free port. Raises MissingBinary naming what to install."""
+    if kind == "kafka":
+        from roomcast.apache_kafka import start_kafka
+
+        return start_kafka(host, log_path=log_path, data_dir=log_path.parent / "kafka-data" if log_path else None)
+    if kind != "tansu":
+        raise ValueError(f"broker is {kind!r}; use one of: {', '.join(BROKERS)}")
+    return start_tansu(host, log_path=log_path)
 
 
 def chat_command(kafka: str, database_url: str, host: str, port: int, *extra: str) -> list[str]:
@@ -198,27 +214,36 @@ class Stack:
         return f"ws://{LOOPBACK}:{self.gateways[i].port}/ws"
 
     def pids(self) -> dict[str, int]:
-        """Each process by name (gateway0, gateway1, ..., chat, redis, tansu)."""
+        """Each process by name (gateway0, gateway1, ..., chat, redis, broker)."""
         named = {f"gateway{i}": g.proc.pid for i, g in enumerate(self.gateways)}
-        return {**named, "chat": self.chat.proc.pid, "redis": self.redis.proc.pid, "tansu": self.kafka.proc.pid}
+        return {**named, "chat": self.chat.proc.pid, "redis": self.redis.proc.pid, "broker": self.kafka.proc.pid}
 
     def stop(self) -> None:
         stop_all([*self.gateways, self.chat, self.kafka, self.redis])
 
 
 def start_stack(
-    data_dir: Path, gateways: int = 2, partitions: int = 4, chat_args: Sequence[str] = (), gateway_args: Sequence[str] = ()
+    data_dir: Path,
+    gateways: int = 2,
+    partitions: int = 4,
+    chat_args: Sequence[str] = (),
+    gateway_args: Sequence[str] = (),
+    broker: str = "tansu",
 ) -> Stack:
-    """Redis, Tansu with the topics, the chat service and `gateways` gateway processes,
-    on free loopback ports, files in data_dir; on a failure, what started is stopped."""
+    """Redis, the broker (BROKERS) with the topics, the chat service and `gateways` gateway
+    processes, on free loopback ports, files in data_dir; on a failure, what started is stopped.
+    The services get the broker's kafka_profile unless the args name one."""
     logs: list[str] = []
     started: list[ManagedProcess] = []
     try:
         redis = start_redis(log_path=data_dir / "redis.log")
         started.append(redis)
-        kafka = start_tansu(log_path=data_dir / "kafka.log")
+        kafka = start_broker(broker, log_path=data_dir / "kafka.log")
         started.append(kafka)
         asyncio.run(ensure_topics(kafka.address, partitions))
+        # argparse keeps the last of a repeated flag: the caller's own choice, after these, wins.
+        chat_args = ("--kafka-profile", broker, *chat_args)
+        gateway_args = ("--kafka-profile", broker, *gateway_args)
         chat = start_chat(data_dir, kafka.address, logs, 0, *chat_args)
         started.append(chat)
         history_url = f"http://{LOOPBACK}:{chat.port}/"

@@ -1,18 +1,23 @@
-"""Fixtures that start real servers: redis-server and the Tansu Kafka broker.
+"""Fixtures that start real servers: redis-server and the Kafka-protocol broker.
 
-Both start in tens of milliseconds, so each test gets its own on free
-loopback ports: no state leaks between tests. A missing binary fails with the
-install step; it never silently skips.
+The broker is ROOMCAST_TEST_BROKER's: tansu (default; starts in tens of
+milliseconds) or kafka (Apache Kafka, about 5 s; without a JDK or Maven its
+tests skip naming what to install, or fail under ROOMCAST_REQUIRE_KAFKA=1).
+Each test gets its own servers on free loopback ports: no state leaks between
+tests.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from roomcast.embedded import ManagedProcess, start_redis, start_tansu
+from roomcast.devstack import start_broker
+from roomcast.embedded import ManagedProcess, MissingBinary, start_redis
+from tests.support import REQUIRE_KAFKA, TEST_BROKER
 
 # Timeouts in tests scale with this factor on slow machines.
 TIMEOUT_FACTOR = float(os.environ.get("ROOMCAST_TEST_TIMEOUT_FACTOR", "1"))
@@ -45,11 +50,20 @@ def redis_url(redis_server: ManagedProcess) -> str:
     return f"redis://{redis_server.address}"
 
 
+def start_test_broker(log_path: Path) -> ManagedProcess:
+    """The test broker (TEST_BROKER); a missing JDK or Maven skips, or fails in CI."""
+    try:
+        return start_broker(TEST_BROKER, log_path=log_path)
+    except MissingBinary as exc:
+        if REQUIRE_KAFKA:
+            pytest.fail(f"ROOMCAST_REQUIRE_KAFKA=1 but {exc}", pytrace=False)
+        pytest.skip(f"ROOMCAST_TEST_BROKER={TEST_BROKER} needs what is missing: {exc}")
+
+
 @pytest.fixture
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
-    """A fresh Tansu broker on a free port (memory storage; no topics yet)."""
-    log = tmp_path_factory.mktemp("tansu") / "tansu.log"
-    broker = start_tansu(log_path=log)
+    """A fresh broker on a free port (no topics yet)."""
+    broker = start_test_broker(tmp_path_factory.mktemp("broker") / "kafka.log")
     yield broker
     broker.stop()
 

@@ -14,6 +14,11 @@ from websockets.asyncio.client import ClientConnection
 
 TIMEOUT_FACTOR = float(os.environ.get("ROOMCAST_TEST_TIMEOUT_FACTOR", "1"))
 
+TEST_BROKER = os.environ.get("ROOMCAST_TEST_BROKER", "tansu")
+"""The broker every test stack runs on: tansu (the default, no Java) or kafka (Apache Kafka)."""
+REQUIRE_KAFKA = os.environ.get("ROOMCAST_REQUIRE_KAFKA") == "1"
+"""CI: a missing JDK or Maven fails the Kafka runs instead of skipping them."""
+
 
 def scaled(seconds: float) -> float:
     return seconds * TIMEOUT_FACTOR

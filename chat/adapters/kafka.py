@@ -27,9 +27,8 @@ the consumer lag: `highwater()` minus the position, per assigned partition
 Group membership, rebalances, contiguous fetches, lag and liveness are
 roomcast.kafka.consumer's (the gateway relay is the same kind of member).
 
-Embedded-broker notes (README, "Limits"): never the idempotent producer
-(Tansu has no InitProducerId), and a small fetch wait because Tansu does not
-wake waiting fetches.
+The broker's engine (kafka_profile) picks the fetch wait and whether the
+producer is idempotent (roomcast.config.BROKER_PROFILES).
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ from aiokafka.structs import ConsumerRecord
 
 from chat.core.validation import validate_ingest
 from chat.storage.base import MessageStore, StoredMessage, StoreError
-from roomcast.config import ChatConfig, KafkaTuning
+from roomcast.config import ChatConfig, KafkaTuning, broker_profile
 from roomcast.kafka.clients import Retry, start_with_retry, stop_quietly
 from roomcast.kafka.consumer import GroupConsumer, MemberSettings
 from roomcast.kafka.offsets import Fetched
@@ -118,7 +117,7 @@ class IngestPipeline(GroupConsumer):
                 session_timeout_ms=session_ms,
                 rebalance_timeout_ms=tuning.rebalance_timeout_ms,
                 heartbeat_interval_ms=min(tuning.heartbeat_interval_ms, session_ms // 3),
-                fetch_max_wait_ms=config.fetch_max_wait_ms,
+                fetch_max_wait_ms=broker_profile(config).fetch_max_wait_ms,
                 max_records=config.batch_max,
                 static=config.kafka_static_membership,
                 poll_timeout_ms=tuning.poll_timeout_ms,
@@ -212,7 +211,8 @@ class IngestPipeline(GroupConsumer):
                 bootstrap_servers=self.config.kafka_bootstrap,
                 client_id="roomcast-chat",
                 acks="all",
-                enable_idempotence=False,  # the embedded broker cannot; dedupe is client_msg_id
+                # Not on the embedded broker (no InitProducerId); dedupe is client_msg_id anyway.
+                enable_idempotence=broker_profile(self.config).idempotent_producer,
                 linger_ms=self.config.produce_linger_ms,
                 request_timeout_ms=self.tuning.request_timeout_ms,
             ),

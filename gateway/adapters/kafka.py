@@ -33,8 +33,9 @@ CONNECT_RETRY = Retry(0.1, 5.0)
 class IngestProducer:
     """Produces posts to message.ingest (key = room, acks=all, small linger)."""
 
-    def __init__(self, bootstrap: str, *, linger_ms: int, timeout_ms: int, client_id: str) -> None:
+    def __init__(self, bootstrap: str, *, linger_ms: int, timeout_ms: int, client_id: str, idempotent: bool = True) -> None:
         self.bootstrap = bootstrap
+        self.idempotent = idempotent
         self.linger_ms = linger_ms
         self.timeout_s = timeout_ms / 1000
         self.client_id = client_id
@@ -58,7 +59,7 @@ class IngestProducer:
                 client_id=self.client_id,
                 acks="all",
                 linger_ms=self.linger_ms,
-                enable_idempotence=False,  # the embedded broker has no InitProducerId
+                enable_idempotence=self.idempotent,  # not on the embedded broker: it has no InitProducerId
                 request_timeout_ms=max(1000, int(self.timeout_s * 1000)),
                 retry_backoff_ms=50,
             ),

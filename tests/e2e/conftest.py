@@ -20,7 +20,7 @@ import pytest
 
 from roomcast.devstack import DevProcessFailed, start_dev_process
 from roomcast.embedded import free_port
-from tests.support import TIMEOUT_FACTOR
+from tests.support import TEST_BROKER, TIMEOUT_FACTOR
 
 __all__ = ["DevStack", "dev_stack", "READY_TIMEOUT_S", "STOP_TIMEOUT_S"]
 
@@ -62,7 +62,7 @@ def dev_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
     env = {key: value for key, value in os.environ.items() if key not in _NOT_SETTINGS}
     try:
         dev = start_dev_process(
-            tmp_path_factory.mktemp("dev-stack"), "--port", str(free_port()), "--workers", "2",
+            tmp_path_factory.mktemp("dev-stack"), "--port", str(free_port()), "--workers", "2", "--broker", TEST_BROKER,
             timeout_s=READY_TIMEOUT_S, env=env,
         )
     except DevProcessFailed as exc:

@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaProducer
 from chat.app import ChatService
 from roomcast.config import ChatConfig
 from roomcast.wire.events import INGEST_TOPIC, IngestRecord, encode_ingest
-from tests.support import TIMEOUT_FACTOR
+from tests.support import TEST_BROKER, TIMEOUT_FACTOR
 
 READY_TIMEOUT_S = 20 * TIMEOUT_FACTOR
 FLOW_TIMEOUT_S = 15 * TIMEOUT_FACTOR
@@ -24,7 +24,7 @@ def chat_config(bootstrap: str, database_url: str, **over: object) -> ChatConfig
         database_url=database_url,
         http_host="127.0.0.1",
         http_port=0,
-        fetch_max_wait_ms=10,
+        kafka_profile=TEST_BROKER,
         batch_max=50,
     )
     values.update(over)

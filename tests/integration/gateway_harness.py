@@ -8,13 +8,14 @@ from dataclasses import replace
 
 from gateway.worker import GatewayWorker
 from roomcast.config import GatewayConfig
-from tests.support import scaled
+from tests.support import TEST_BROKER, scaled
 
 __all__ = ["base_config", "start_gateway", "ws_url"]
 
 
 def base_config(redis_url: str, **overrides: object) -> GatewayConfig:
-    return replace(GatewayConfig(host="127.0.0.1", port=0, admin_port=0, redis_url=redis_url), **overrides)  # type: ignore[arg-type]
+    config = GatewayConfig(host="127.0.0.1", port=0, admin_port=0, redis_url=redis_url, kafka_profile=TEST_BROKER)
+    return replace(config, **overrides)  # type: ignore[arg-type]
 
 
 async def start_gateway(config: GatewayConfig) -> GatewayWorker:
