@@ -37,6 +37,7 @@ from roomcast.wire.events import MessageEvent
 from tests.e2e.stack import Stack, start_chat, start_gateway
 
 __all__ = [
+    "BROKER_KILL",
     "FAULT_KINDS",
     "Fault",
     "HealTargets",
@@ -60,6 +61,8 @@ FAULT_KINDS = (
     "broker_stop",  # the Kafka broker frozen (SIGSTOP ... SIGCONT)
     "client_cut",  # one client socket cut in the middle of a frame it is sending
 )
+# On Apache Kafka only (Tansu keeps its log in memory: a restart loses it).
+BROKER_KILL = "broker_kill"  # the broker killed -9 and started again on its data
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,9 @@ class HealTargets:
             "chat_stop": 2.0,
             "broker_stop": 2.0,
             "client_cut": 2.0,
+            # The restart itself (~6 s: the controller waits out the old broker's
+            # 3 s session) is part of the healing; then every member rejoins.
+            BROKER_KILL: self.chat_watchdog_s + 8.0,
         }[kind]
 
 
@@ -107,22 +113,32 @@ GROUPS_DISTURBED = {
     "chat_kill": ("chat",),
     "chat_stop": ("chat",),
     "broker_stop": ("relay", "chat"),
+    BROKER_KILL: ("relay", "chat"),
 }
 KILL_OF = {"relay": "worker_kill", "chat": "chat_kill"}
 
 
 def draw_schedule(
-    seed: int, count: int, gateways: int, clients: int, spacing_s: tuple[float, float] = (0.5, 3.0)
+    seed: int,
+    count: int,
+    gateways: int,
+    clients: int,
+    spacing_s: tuple[float, float] = (0.5, 3.0),
+    fault_kinds: tuple[str, ...] = FAULT_KINDS,
 ) -> list[Fault]:
     """A seeded list of `count` faults (at least one of each kind), `spacing_s` apart (0.5-3 s).
 
-    Never two freezes of one process at once: the first SIGCONT would end the
-    second early. Everything else may overlap.
+    Never two freezes (or a freeze and a kill) of one process at once: the
+    first SIGCONT would end the second early. Everything else may overlap.
+    With BROKER_KILL among the kinds, one broker kill is moved to 0.3 s after
+    the first worker kill, while the relay's group rebalances (it may then
+    overlap another broker fault: the injector skips a kill of a broker that
+    is down, and a freeze of a dead one).
     """
     rng = random.Random(seed)
-    kinds = list(FAULT_KINDS)
+    kinds = list(fault_kinds)
     rng.shuffle(kinds)
-    kinds += [rng.choice(FAULT_KINDS) for _ in range(max(0, count - len(kinds)))]
+    kinds += [rng.choice(fault_kinds) for _ in range(max(0, count - len(kinds)))]
     faults: list[Fault] = []
     frozen_until: dict[str, float] = {}
     at = rng.uniform(1.0, 3.0)
@@ -132,15 +148,23 @@ def draw_schedule(
             "chat_kill": rng.uniform(0.2, 1.0),
             "chat_stop": rng.uniform(1.0, 3.0),
             "broker_stop": rng.uniform(1.0, 4.0),
+            BROKER_KILL: rng.uniform(0.2, 1.0),
         }.get(kind, 0.0)
-        victim = "chat" if kind in ("chat_stop", "chat_kill") else "broker" if kind == "broker_stop" else ""
-        if victim and kind.endswith("_stop") and frozen_until.get(victim, 0.0) > at:
+        victim = "chat" if kind in ("chat_stop", "chat_kill") else "broker" if kind in ("broker_stop", BROKER_KILL) else ""
+        exclusive = kind.endswith("_stop") or kind == BROKER_KILL
+        if victim and exclusive and frozen_until.get(victim, 0.0) > at:
             at = frozen_until[victim] + 0.1
-        if kind.endswith("_stop"):
-            frozen_until[victim] = at + duration
+        if exclusive:
+            # A killed broker is down for its restart too (~6 s).
+            frozen_until[victim] = at + duration + (7.0 if kind == BROKER_KILL else 0.0)
         target = rng.randrange(clients if kind == "client_cut" else gateways)
         faults.append(Fault(round(at, 2), kind, round(duration, 2), target))
         at += rng.uniform(*spacing_s)
+    kill = next((f for f in faults if f.kind == "worker_kill"), None)
+    broker_kill = next((f for f in faults if f.kind == BROKER_KILL), None)
+    if kill is not None and broker_kill is not None:
+        faults[faults.index(broker_kill)] = Fault(round(kill.at_s + 0.3, 2), BROKER_KILL, broker_kill.duration_s, 0)
+        faults.sort(key=lambda f: f.at_s)
     return faults
 
 
@@ -456,6 +480,21 @@ class ChaosRun:
 
     async def _broker_stop(self, fault: Fault) -> None:
         await self._freeze(self.stack.kafka.proc.pid, fault.duration_s)
+
+    async def _broker_kill(self, fault: Fault) -> None:
+        from roomcast.apache_kafka import restart_kafka
+
+        broker = self.stack.kafka
+        if not broker.alive() or "broker" in self._restarting:
+            return
+        self._restarting.add("broker")
+        try:
+            broker.proc.kill()
+            await asyncio.to_thread(broker.proc.wait)
+            await asyncio.sleep(fault.duration_s)
+            await asyncio.to_thread(restart_kafka, broker)
+        finally:
+            self._restarting.discard("broker")
 
     async def _client_cut(self, fault: Fault) -> None:
         if not self.clients[fault.target].cut_mid_frame():

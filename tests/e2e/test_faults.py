@@ -30,6 +30,8 @@ from roomcast.config import KafkaTuning
 from roomcast.watchdog import stall_bound_s
 from roomcast.wire.events import CREATED_TOPIC, INGEST_TOPIC, decode_event, decode_ingest
 from tests.e2e.chaos import (
+    BROKER_KILL,
+    FAULT_KINDS,
     ChaosClient,
     ChaosRun,
     HealTargets,
@@ -39,7 +41,7 @@ from tests.e2e.chaos import (
     stored_messages,
 )
 from tests.e2e.stack import start_stack
-from tests.support import scaled
+from tests.support import TEST_BROKER, scaled
 
 ROOMS = ["fault-a", "fault-b", "fault-c", "fault-d"]
 CI_SEEDS = [11, 29]
@@ -47,6 +49,11 @@ LONG_SEEDS = list(range(101, 111))
 FAULTS_PER_RUN = 14
 # The stack's group session timeouts (the defaults of both services).
 SESSION_S = 6.0
+
+
+def fault_kinds() -> tuple[str, ...]:
+    """Every kind; on Apache Kafka also the broker's kill -9 and restart (Tansu would lose its log)."""
+    return FAULT_KINDS + ((BROKER_KILL,) if TEST_BROKER == "kafka" else ())
 
 
 def _seeds(default: list[int]) -> list[int]:
@@ -87,7 +94,7 @@ async def _exercise(stack, seed: int) -> None:  # type: ignore[no-untyped-def]
         ChaosClient(f"c{i}", urls[i % 2 :] + urls[: i % 2], rng.sample(ROOMS, 2), post_interval_s=0.1)
         for i in range(12)
     ]
-    faults = draw_schedule(seed, FAULTS_PER_RUN, gateways=2, clients=len(clients))
+    faults = draw_schedule(seed, FAULTS_PER_RUN, gateways=2, clients=len(clients), fault_kinds=fault_kinds())
     chat_watchdog_s = stall_bound_s(int(SESSION_S * 1000), KafkaTuning().rebalance_timeout_ms)
     run = ChaosRun(stack, faults, HealTargets(relay_session_s=SESSION_S, chat_watchdog_s=chat_watchdog_s), clients)
     print(f"\nseed {seed}: " + ", ".join(f.describe() for f in faults))

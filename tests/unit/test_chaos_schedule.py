@@ -73,3 +73,13 @@ def test_message_created_must_agree_with_the_store_re_emits_aside() -> None:
         "r seq 2: stored for u/b, produced for [('u', 'b'), ('u', 'c')]",
     ]
     assert produced_against_stored([_event(1, "a")], stored) == ["r seq 2 (u/b) stored but never produced"]
+
+
+def test_on_kafka_a_broker_kill_lands_during_the_rebalance_a_worker_kill_starts() -> None:
+    from tests.e2e.chaos import BROKER_KILL, FAULT_KINDS
+
+    for seed in range(50):
+        faults = draw_schedule(seed, 16, gateways=2, clients=12, fault_kinds=FAULT_KINDS + (BROKER_KILL,))
+        worker_kill = next(f for f in faults if f.kind == "worker_kill")
+        assert any(f.kind == BROKER_KILL and f.at_s == round(worker_kill.at_s + 0.3, 2) for f in faults), seed
+        assert [f.at_s for f in faults] == sorted(f.at_s for f in faults)
