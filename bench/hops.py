@@ -426,6 +426,7 @@ class Options:
     profile_dir: str = ""
     bench_linger_ms: int = 0  # the bench's own producer on message.created (kafka hop)
     chat_linger_ms: int | None = None  # the chat service's producer, when it differs from produce_linger_ms
+    broker: str = "tansu"  # tansu or kafka (Apache Kafka); the services run its client profile
 
 
 def _pin_gateways(pids: Sequence[int], opts: Options) -> None:
@@ -551,7 +552,7 @@ async def run_redis_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
 
 
 def _gateway_flags(opts: Options) -> list[str]:
-    flags = []
+    flags = ["--kafka-profile", opts.broker]
     if opts.fetch_max_wait_ms is not None:
         flags += ["--fetch-max-wait-ms", str(opts.fetch_max_wait_ms)]
     if opts.produce_linger_ms is not None:
@@ -560,12 +561,16 @@ def _gateway_flags(opts: Options) -> list[str]:
 
 
 def _kafka_settings(opts: Options) -> dict[str, Any]:
-    from roomcast.config import ChatConfig, GatewayConfig
+    from roomcast.config import BROKER_PROFILES, ChatConfig, GatewayConfig
 
+    profile = BROKER_PROFILES[opts.broker]
+    fetch_wait = opts.fetch_max_wait_ms or profile.fetch_max_wait_ms
     return {
-        "gateway_fetch_max_wait_ms": opts.fetch_max_wait_ms if opts.fetch_max_wait_ms is not None else GatewayConfig.fetch_max_wait_ms,
+        "broker": opts.broker,
+        "idempotent_producers": profile.idempotent_producer,
+        "gateway_fetch_max_wait_ms": fetch_wait,
         "gateway_produce_linger_ms": opts.produce_linger_ms if opts.produce_linger_ms is not None else GatewayConfig.produce_linger_ms,
-        "chat_fetch_max_wait_ms": opts.fetch_max_wait_ms if opts.fetch_max_wait_ms is not None else ChatConfig.fetch_max_wait_ms,
+        "chat_fetch_max_wait_ms": fetch_wait,
         "chat_produce_linger_ms": next(
             v for v in (opts.chat_linger_ms, opts.produce_linger_ms, ChatConfig.produce_linger_ms) if v is not None
         ),
@@ -577,14 +582,14 @@ def _kafka_settings(opts: Options) -> dict[str, Any]:
 async def run_kafka_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
     from aiokafka import AIOKafkaProducer
 
-    from roomcast.devstack import start_gateway
-    from roomcast.embedded import start_redis, start_tansu
+    from roomcast.devstack import start_broker, start_gateway
+    from roomcast.embedded import start_redis
     from roomcast.kafka import ensure_topics
     from roomcast.wire.events import CREATED_TOPIC
 
     logs: list[str] = []
     redis = start_redis(log_path=work / "redis.log")
-    kafka = start_tansu(log_path=work / "kafka.log")
+    kafka = start_broker(opts.broker, log_path=work / "kafka.log")
     gateway = None
     fleet = None
     producer = None
@@ -695,7 +700,7 @@ async def run_e2e_hop(opts: Options, work: Path) -> list[dict[str, Any]]:
     os.environ.update(env_set)
     try:
         chat_args = ["--produce-linger-ms", str(opts.chat_linger_ms)] if opts.chat_linger_ms is not None else []
-        stack = await asyncio.to_thread(start_stack, work, opts.gateways, opts.partitions, chat_args)
+        stack = await asyncio.to_thread(start_stack, work, opts.gateways, opts.partitions, chat_args, (), opts.broker)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -799,7 +804,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=None, help="messages per second, all rooms together (default 1000; smoke 200)")
     p.add_argument("--duration", type=float, default=None, help="measured seconds per hop (default 20; smoke 2)")
     p.add_argument("--warmup", type=float, default=None, help="seconds sent first and not counted (default 3; smoke 1)")
-    p.add_argument("--fetch-max-wait-ms", type=int, default=None, help="Kafka consumer fetch wait of gateway and chat (default: their config default, 10)")
+    p.add_argument("--fetch-max-wait-ms", type=int, default=None, help="Kafka consumer fetch wait of gateway and chat (default: the broker profile's: kafka 500, tansu 10)")
+    p.add_argument("--broker", choices=("tansu", "kafka"), default="tansu", help="the broker: tansu (embedded) or kafka (Apache Kafka, needs a JDK and Maven)")
     p.add_argument("--produce-linger-ms", type=int, default=None, help="Kafka producer linger of gateway and chat (default: theirs, 2 and 0)")
     p.add_argument("--chat-linger-ms", type=int, default=None, help="Kafka producer linger of the chat service alone, in the e2e hop (default: --produce-linger-ms, else its own 0)")
     p.add_argument("--bench-linger-ms", type=int, default=0, help="linger of the bench's own producer on message.created in the kafka hop (default 0)")
@@ -835,6 +841,7 @@ def main(argv: list[str] | None = None) -> int:
         profile_dir=args.profile,
         bench_linger_ms=args.bench_linger_ms,
         chat_linger_ms=args.chat_linger_ms,
+        broker=args.broker,
     )
     hops = [h.strip() for h in args.hops.split(",") if h.strip()]
     unknown = [h for h in hops if h not in HOPS]
@@ -871,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
         if "kafka" in r:
             k = r["kafka"]
             print(
-                f"  {r['hop']}: fetch wait gateway {k['gateway_fetch_max_wait_ms']} ms / chat {k['chat_fetch_max_wait_ms']} ms; "
+                f"  {r['hop']}: broker {k['broker']}; fetch wait gateway {k['gateway_fetch_max_wait_ms']} ms / chat {k['chat_fetch_max_wait_ms']} ms; "
                 f"linger gateway {k['gateway_produce_linger_ms']} ms / chat {k['chat_produce_linger_ms']} ms / bench producer {k['bench_producer_linger_ms']} ms; "
                 f"{k['partitions']} partitions"
             )
