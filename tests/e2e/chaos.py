@@ -22,7 +22,7 @@ import random
 import signal
 import sqlite3
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,7 +240,9 @@ class ChaosClient:
     refused: Counter[str] = field(default_factory=Counter)
     recovered_false: int = 0
     posting: bool = True
+    last_frame_at: float = 0.0
     _n: int = 0
+    _retry: deque[str] = field(default_factory=deque)  # unacked client_msg_ids to send again, in order
     _ws: Any = None
 
     def last_seq(self, room: str) -> int | None:
@@ -288,18 +290,22 @@ class ChaosClient:
             since = self.last_seq(room)
             frame = {"type": "join", "room": room} if since is None else {"type": "join", "room": room, "since": since}
             await ws.send(json.dumps(frame))
-        # Posts not acked on an earlier connection are retried with the same id.
-        for post in list(self.unacked.values()):
-            await ws.send(json.dumps(post))
+        # Posts not acked on an earlier connection are retried with the same id,
+        # one per tick like new posts: a backlog sent at once would exceed the
+        # send budget, and the refusals would get the socket closed as abusive
+        # (1008) on every reconnect, for ever (seen on Kafka, whose broker kill
+        # leaves a longer backlog than Tansu's freeze).
+        self._retry = deque(self.unacked)
         reader = asyncio.create_task(self._read(ws))
         try:
             while not stop.is_set() and not reader.done():
-                if self.posting:
+                post = self._next_retry()
+                if post is None and self.posting:
                     self._n += 1
                     room = self.rooms[self._n % len(self.rooms)]
                     cid = f"{self.name}-{self._n}"
-                    post = {"type": "message.send", "room": room, "body": cid, "client_msg_id": cid}
-                    self.unacked[cid] = post
+                    post = self.unacked[cid] = {"type": "message.send", "room": room, "body": cid, "client_msg_id": cid}
+                if post is not None:
                     await ws.send(json.dumps(post))
                 await asyncio.sleep(self.post_interval_s)
         finally:
@@ -311,6 +317,7 @@ class ChaosClient:
 
     async def _read(self, ws: websockets.ClientConnection) -> None:
         async for raw in ws:
+            self.last_frame_at = time.monotonic()
             frame = json.loads(raw)
             kind = frame["type"]
             if kind == "message":
@@ -326,9 +333,15 @@ class ChaosClient:
                 self.unacked.pop(frame["client_msg_id"], None)
             elif kind == "error":
                 self.refused[frame["code"]] += 1
-                if frame["code"] == "unavailable" and frame.get("ref") in self.unacked:
-                    await asyncio.sleep(0.2)
-                    await ws.send(json.dumps(self.unacked[frame["ref"]]))
+                if frame["code"] == "unavailable" and frame.get("ref") in self.unacked and frame["ref"] not in self._retry:
+                    self._retry.append(frame["ref"])
+
+    def _next_retry(self) -> dict[str, str] | None:
+        while self._retry:
+            post = self.unacked.get(self._retry.popleft())
+            if post is not None:  # not acked meanwhile
+                return post
+        return None
 
 
 @dataclass
@@ -543,7 +556,8 @@ class ChaosRun:
                 expected = list(range(c.start_seq[room] + 1, len(by_room.get(room, [])) + 1))
                 if got != expected:
                     incomplete.append(
-                        f"client {c.name} room {room}: {len(got)} received vs {len(expected)} expected; dups "
+                        f"client {c.name} room {room} ({c.reconnects} reconnects, {'connected' if c._ws is not None else 'not connected'}, "
+                        f"last frame {time.monotonic() - c.last_frame_at:.1f} s ago): {len(got)} received vs {len(expected)} expected; dups "
                         f"{[s for s, n in Counter(got).items() if n > 1][:5]}, missing {sorted(set(expected) - set(got))[:5]}"
                     )
         return {
