@@ -180,7 +180,7 @@ class CreatedRelay(GroupConsumer):
         self.published += len(records)
         if epoch != self.epoch:
             return  # revoked meanwhile: the new owner relays these again (dropped by seq)
-        await asyncio.wait_for(consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items()}), GATEWAY_TIMINGS.relay_step_timeout_s)
+        self.commit_later(consumer, {tp: rs[-1].offset + 1 for tp, rs in batch.items()})
 
     async def aclose(self) -> None:
         """Finish the in-flight batch, commit, leave the group. Idempotent."""

@@ -83,6 +83,11 @@ class GroupConsumer(abc.ABC):
         self.fetched = 0
         self.attempts = 0  # failed connection attempts
         self.retries = 0  # batches failed and tried again
+        self.commits = 0
+        self.commit_failures = 0
+        # Offsets to commit, and the one commit in flight (commit_later).
+        self._to_commit: dict[TopicPartition, int] = {}
+        self._committer: asyncio.Future[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         # Next offset per partition after what was handed out: lag() reads it
@@ -202,6 +207,7 @@ class GroupConsumer(abc.ABC):
         self.in_group = False
         self.offsets.forget(list(consumer.assignment()))
         self._positions.clear()
+        await self._flush_commits()
         await leave_generation_zero(consumer)
         try:
             await asyncio.wait_for(consumer.stop(), self.settings.revoke_grace_s + 2.0)
@@ -242,6 +248,36 @@ class GroupConsumer(abc.ABC):
                 self._idle.set()
             await backoff.wait(stop)  # outside the batch: a revocation need not wait for it
 
+    def commit_later(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        """Commit `offsets` off the batch's path: the next batch does not wait for the broker's answer.
+
+        At most one commit is in flight; offsets given meanwhile are merged and
+        committed after it. A commit that fails (a rebalance) is counted and
+        logged: the new owner consumes those records again, which both
+        services make harmless. Revocations and closes wait for it (bounded).
+        """
+        self._to_commit.update(offsets)
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.ensure_future(self._commit_pending(consumer))
+
+    async def _commit_pending(self, consumer: AIOKafkaConsumer) -> None:
+        while self._to_commit:
+            offsets, self._to_commit = self._to_commit, {}
+            try:
+                await asyncio.wait_for(consumer.commit(offsets), self.settings.revoke_grace_s + 3.0)
+                self.commits += 1
+            except (KafkaError, asyncio.TimeoutError) as exc:
+                self.commit_failures += 1
+                log.warning("%s: committing %s failed (%r); those records will be consumed again", self.name, _describe(set(offsets)), exc)
+
+    async def _flush_commits(self) -> None:
+        committer = self._committer
+        if committer is not None and not committer.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(committer), self.settings.revoke_grace_s)
+            except asyncio.TimeoutError:
+                log.warning("%s: a commit did not finish within %.0f s; going on without it", self.name, self.settings.revoke_grace_s)
+
     def _rewind(self, consumer: AIOKafkaConsumer, batch: Fetched) -> None:
         for tp, records in batch.items():
             if tp in consumer.assignment():
@@ -261,6 +297,7 @@ class GroupConsumer(abc.ABC):
                     "%s: a batch held up the revocation of %s for %.0f s; going on without it",
                     self.name, _describe(revoked), self.settings.revoke_grace_s,
                 )
+        await self._flush_commits()  # what was done is committed before the partitions move
         self.epoch += 1
         self._positions.clear()  # refreshed after the next fetch
         self.offsets.forget(revoked)

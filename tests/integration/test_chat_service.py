@@ -40,7 +40,7 @@ from roomcast.kafka import ensure_topics
 from tests.integration.chat_harness import FLOW_TIMEOUT_S, READY_TIMEOUT_S, RunningChat, http_get, post, record
 from tests.integration.chat_harness import chat_config as harness_config
 from tests.integration.conftest import CHAT_TEST_PARTITIONS
-from tests.support import TIMEOUT_FACTOR
+from tests.support import TEST_BROKER, TIMEOUT_FACTOR
 from roomcast.wire.events import (
     CHAT_GROUP,
     CREATED_TOPIC,
@@ -667,7 +667,10 @@ async def test_a_second_instance_joining_and_the_first_leaving_lose_and_double_n
 
 
 async def test_main_runs_under_uvloop_and_drains_on_sigterm(bootstrap: str, tmp_path: Path) -> None:
-    flags = {"kafka_bootstrap": bootstrap, "database_url": f"sqlite:///{tmp_path / 'm.db'}", "http_host": "127.0.0.1", "http_port": 0}
+    flags = {
+        "kafka_bootstrap": bootstrap, "database_url": f"sqlite:///{tmp_path / 'm.db'}", "http_host": "127.0.0.1", "http_port": 0,
+        "kafka_profile": TEST_BROKER,
+    }
     code = (
         "import chat.app\n"
         "from roomcast.config import ChatConfig, load\n"
