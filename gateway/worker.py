@@ -30,7 +30,8 @@ from gateway.adapters.websocket import Connection
 from gateway.core.rooms import RoomRegistry
 from gateway.core.session import Session, SessionLimits
 from gateway.hub import Hub
-from roomcast.auth import AuthError, Authenticator, gateway_history_headers
+from roomcast.auth import AuthError, Authenticator
+from roomcast.service_auth import gateway_history_headers
 from roomcast.config import GATEWAY_TIMINGS, GatewayConfig, broker_profile, gateway_id
 from roomcast.http import HttpServer, Router
 from roomcast.metrics import MetricsRegistry
@@ -312,7 +313,7 @@ def _service_token(config: GatewayConfig, worker_name: str) -> Callable[[], dict
 
     A service token signed with service_key, which works whatever the user
     tokens' algorithm (RS256 leaves the gateway nothing to sign with); else
-    one signed with jwt_secret (roomcast.auth.gateway_history_headers).
+    one signed with jwt_secret (roomcast.service_auth.gateway_history_headers).
     Raises ConfigError, naming service_key, when there is neither.
     """
     return gateway_history_headers(config, worker_name)

@@ -51,6 +51,7 @@ __all__ = [
     "MAX_USER_CHARS",
     "MIN_HS256_SECRET_BYTES",
     "MIN_RSA_KEY_BITS",
+    "setting_label",
 ]
 
 DEFAULT_LEEWAY_S = 5.0
@@ -185,7 +186,8 @@ def _jws(algorithms: Sequence[str]) -> jwt.PyJWS:
 _MINT_JWS = _jws(["HS256"])
 
 
-def _setting(name: str) -> str:
+def setting_label(name: str) -> str:
+    """How an error message names a setting: `name` and its environment variable."""
     return f"setting `{name}` ({ENV_PREFIX}{name.upper()})"
 
 
@@ -197,23 +199,23 @@ def _load_public_key(pem: str) -> RSAPublicKey:
         text = text.replace("\\n", "\n")
     if "PRIVATE KEY" in text:
         raise ConfigError(
-            f"{_setting('jwt_public_key')} holds a private key; give the public key only "
+            f"{setting_label('jwt_public_key')} holds a private key; give the public key only "
             "(openssl rsa -in key.pem -pubout)"
         )
     try:
         key = load_pem_public_key(text.encode())
     except (ValueError, TypeError) as exc:
         raise ConfigError(
-            f"{_setting('jwt_public_key')} is not a PEM public key ({exc}); "
+            f"{setting_label('jwt_public_key')} is not a PEM public key ({exc}); "
             "give -----BEGIN PUBLIC KEY----- text or @path to a file holding it"
         ) from None
     if not isinstance(key, RSAPublicKey):
         raise ConfigError(
-            f"{_setting('jwt_public_key')} is a {type(key).__name__}, not an RSA key; RS256 needs an RSA public key"
+            f"{setting_label('jwt_public_key')} is a {type(key).__name__}, not an RSA key; RS256 needs an RSA public key"
         )
     if key.key_size < MIN_RSA_KEY_BITS:
         raise ConfigError(
-            f"{_setting('jwt_public_key')} is a {key.key_size}-bit RSA key; "
+            f"{setting_label('jwt_public_key')} is a {key.key_size}-bit RSA key; "
             f"RS256 needs {MIN_RSA_KEY_BITS} bits or more (RFC 7518 section 3.3)"
         )
     return key
@@ -242,7 +244,7 @@ class Authenticator:
         leeway_s: float = DEFAULT_LEEWAY_S,
     ) -> None:
         if auth_mode not in ("dev", "jwt"):
-            raise ConfigError(f"{_setting('auth_mode')} is {auth_mode!r}; use one of: dev, jwt")
+            raise ConfigError(f"{setting_label('auth_mode')} is {auth_mode!r}; use one of: dev, jwt")
         self.auth_mode = auth_mode
         self._now = now
         self._leeway_s = leeway_s
@@ -257,14 +259,14 @@ class Authenticator:
                     self._keys["HS256"] = HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(jwt_secret)
                 except jwt.InvalidKeyError:
                     raise ConfigError(
-                        f"{_setting('jwt_secret')} looks like a PEM or SSH key; it is the shared HS256 "
+                        f"{setting_label('jwt_secret')} looks like a PEM or SSH key; it is the shared HS256 "
                         "secret (put an RSA public key in ROOMCAST_JWT_PUBLIC_KEY instead)"
                     ) from None
             if jwt_public_key:
                 self._keys["RS256"] = _load_public_key(jwt_public_key)
             if not self._keys:
                 raise ConfigError(
-                    f"{_setting('jwt_secret')} is empty while auth_mode is jwt; set ROOMCAST_JWT_SECRET "
+                    f"{setting_label('jwt_secret')} is empty while auth_mode is jwt; set ROOMCAST_JWT_SECRET "
                     "to the HS256 key (or ROOMCAST_JWT_PUBLIC_KEY for RS256)"
                 )
         self.algorithms: tuple[str, ...] = tuple(self._keys)
@@ -289,7 +291,7 @@ class Authenticator:
         if config.auth_mode == "jwt":
             if secret and len(secret.encode()) < MIN_HS256_SECRET_BYTES:
                 raise ConfigError(
-                    f"{_setting('jwt_secret')} is {len(secret.encode())} bytes; HS256 needs at least "
+                    f"{setting_label('jwt_secret')} is {len(secret.encode())} bytes; HS256 needs at least "
                     f"{MIN_HS256_SECRET_BYTES} (RFC 7518 section 3.2): generate one with "
                     "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
                 )
@@ -301,7 +303,7 @@ class Authenticator:
                 except (OSError, UnicodeDecodeError) as exc:
                     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                     raise ConfigError(
-                        f"{_setting('jwt_public_key')} names {path!r}, which cannot be read ({reason}); "
+                        f"{setting_label('jwt_public_key')} names {path!r}, which cannot be read ({reason}); "
                         "fix the path or its permissions, or give the PEM text itself"
                     ) from None
         return cls(config.auth_mode, secret, public_key, now)
@@ -443,91 +445,3 @@ def mint(
         claims["rooms"] = list(rooms)
     payload = orjson.dumps(claims)
     return _MINT_JWS.encode(payload, secret.encode(), algorithm="HS256")
-
-
-
-# ---- the gateway's service credential for the history API ---------------------------------
-#
-# Why a shared service key, not the user-token keys: with RS256 the gateway
-# holds only the public key and can sign nothing, so it needs a credential of
-# its own that works whatever the user tokens' algorithm is. The key never
-# travels: the gateway sends a short-lived HS256 token signed with it (sub
-# `gateway:<id>`, exp SERVICE_TOKEN_TTL_S), in its own header so the chat
-# service never tries it as a user token (nor a user token as a service one).
-# The signature check is PyJWT's HMAC verify, a constant-time comparison
-# (hmac.compare_digest).
-
-SERVICE_TOKEN_HEADER = "X-Roomcast-Service-Token"
-"""The header of the gateway's service token on history requests."""
-
-SERVICE_TOKEN_TTL_S = 60.0
-"""Lifetime of one service token: a captured one is worthless a minute later."""
-
-SERVICE_SUB_PREFIX = "gateway:"
-"""Every service token's `sub` starts with this."""
-
-
-def _service_key(config: Any) -> str:
-    """config.service_key, checked; "" when unset or in dev mode. Raises ConfigError for a short key."""
-    key: str = getattr(config, "service_key", "")
-    if config.auth_mode != "jwt" or not key:
-        return ""
-    if len(key.encode()) < MIN_HS256_SECRET_BYTES:
-        raise ConfigError(
-            f"{_setting('service_key')} is {len(key.encode())} bytes; it signs HS256 service tokens and needs at "
-            f"least {MIN_HS256_SECRET_BYTES} (RFC 7518 section 3.2): generate one with "
-            "python -c 'import secrets; print(secrets.token_urlsafe(32))' and give the same to gateways and chat"
-        )
-    return key
-
-
-def gateway_history_headers(
-    config: Any, gateway_name: str, now: Callable[[], float] = time.time
-) -> Callable[[], dict[str, str]] | None:
-    """The headers that authenticate one history request of the gateway, minted afresh per call.
-
-    `config` is a GatewayConfig. None in dev mode (history is open). In jwt
-    mode: a service token signed with service_key; without one, the older
-    `Authorization: Bearer` token signed with jwt_secret (HS256 deployments
-    keep working unchanged). Raises ConfigError, naming service_key, for a
-    short key, or when neither key is there (RS256-only settings).
-    """
-    if config.auth_mode != "jwt":
-        return None
-    sub = SERVICE_SUB_PREFIX + gateway_name
-    key = _service_key(config)
-    if key:
-        return lambda: {SERVICE_TOKEN_HEADER: mint(key, sub, ttl_s=SERVICE_TOKEN_TTL_S, now=now)}
-    secret = config.jwt_secret
-    if secret:
-        return lambda: {"Authorization": "Bearer " + mint(secret, sub, ttl_s=SERVICE_TOKEN_TTL_S, now=now)}
-    raise ConfigError(
-        f"{_setting('service_key')} is empty and there is no jwt_secret (RS256 only): the gateway cannot "
-        "authenticate to the history API; set ROOMCAST_SERVICE_KEY here and on the chat service to one shared "
-        "key of 32+ bytes"
-    )
-
-
-class ServiceVerifier:
-    """The chat service's check of a gateway's service token (SERVICE_TOKEN_HEADER).
-
-    Build with `from_config` at start-up; `verify` per request.
-    """
-
-    def __init__(self, service_key: str, now: Callable[[], float] = time.time) -> None:
-        # HS256 with the service key only: a user token (jwt_secret or RS256)
-        # sent in the service header fails its signature check.
-        self._tokens = Authenticator("jwt", jwt_secret=service_key, now=now)
-
-    @classmethod
-    def from_config(cls, config: Any, now: Callable[[], float] = time.time) -> ServiceVerifier | None:
-        """From a ChatConfig: None when service_key is unset or in dev mode. Raises ConfigError for a short key."""
-        key = _service_key(config)
-        return cls(key, now) if key else None
-
-    def verify(self, token: str) -> str:
-        """The gateway's name (`sub` without its prefix). Raises AuthError: the message is the 401 body."""
-        identity = self._tokens.authenticate({"Authorization": "Bearer " + token}, "")
-        if not identity.user.startswith(SERVICE_SUB_PREFIX) or identity.rooms is not None:
-            raise AuthError("service token sub must be gateway:<id>, with no rooms claim")
-        return identity.user.removeprefix(SERVICE_SUB_PREFIX)

@@ -25,7 +25,8 @@ import msgspec
 
 import roomcast
 from chat.storage.base import HISTORY_MAX_LIMIT, MessageStore, StoreError
-from roomcast.auth import SERVICE_TOKEN_HEADER, Authenticator, AuthError, ServiceVerifier
+from roomcast.auth import Authenticator, AuthError
+from roomcast.service_auth import SERVICE_TOKEN_HEADER, ServiceVerifier
 from roomcast.config import ChatConfig
 from roomcast.http import HttpServer, Request, Response, Router
 from roomcast.metrics import MetricsRegistry

@@ -53,7 +53,7 @@ class HistoryClient:
     """GETs history pages over at most `pool_size` keep-alive connections.
 
     `headers`, when given, is called per request for the headers that
-    authenticate it (roomcast.auth.gateway_history_headers). Make it in the
+    authenticate it (roomcast.service_auth.gateway_history_headers). Make it in the
     event loop that uses it; `aclose()` at the end.
     """
 

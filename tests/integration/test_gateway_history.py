@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from chat.app import ChatService
 from chat.storage import open_store
 from gateway.worker import GatewayWorker
-from roomcast.auth import SERVICE_TOKEN_HEADER, mint
+from roomcast.auth import mint
+from roomcast.service_auth import SERVICE_TOKEN_HEADER
 from roomcast.config import ConfigError
 from tests.integration.chat_harness import RunningChat, chat_config, http_get, post, record, wait_until
 from tests.integration.gateway_harness import base_config, start_gateway, ws_url

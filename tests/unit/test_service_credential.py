@@ -1,4 +1,4 @@
-"""The gateway's service credential for the history API (roomcast.auth, config validation): pure, no network."""
+"""The gateway's service credential for the history API (roomcast.service_auth, config validation): pure, no network."""
 
 from __future__ import annotations
 
@@ -6,14 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from roomcast.auth import (
-    SERVICE_TOKEN_HEADER,
-    Authenticator,
-    AuthError,
-    ServiceVerifier,
-    gateway_history_headers,
-    mint,
-)
+from roomcast.auth import Authenticator, AuthError, mint
+from roomcast.service_auth import SERVICE_TOKEN_HEADER, ServiceVerifier, gateway_history_headers
 from roomcast.config import ChatConfig, ConfigError, GatewayConfig, load
 
 KEY = "service-key-of-the-test-at-least-32-bytes"
